@@ -1,0 +1,360 @@
+"""One source of truth for configuration: frozen dataclasses validated in `__post_init__`,
+filled from YAML. Defaults are the paper's (table 5, SPEC.md); presets live in presets/*.yaml.
+
+`load_config("tiny")` loads a preset by name, `load_config("path/to.yaml")` a file. A bad file
+fails with the file, the line, the dotted key and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("grpo", "rrpo", "srpo")
+SPLITS = ("1x4", "2x4", "1x8")
+LOCALIZERS = ("random", "self", "oracle", "divergence")
+DEFAULT_LOCALIZER = {"grpo": "random", "rrpo": "random", "srpo": "self"}
+LOSSES = ("pg", "clip")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the file, line and key."""
+
+
+def _require(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {reason}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "Qwen/Qwen2.5-14B-Instruct"
+    dtype: str = "bfloat16"
+    max_model_len: int = 32768
+    chat_template_for_localization: bool = True
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _require(bool(self.name_or_path), "model.name_or_path", "must be a Hugging Face id, a path or builtin:NAME")
+        _require(self.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", "float32|bfloat16|float16|auto")
+        _require(self.max_model_len > 0, "model.max_model_len", "must be > 0")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    template: str = "rollout_v1"
+    max_thoughts: int = 20
+    max_thought_tokens: int = 256
+    max_response_tokens: int = 4096
+    max_prompt_tokens: int = 2048
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = no top-k
+    stop: str = "</thought>"
+    engine: str = "hf"  # "hf" | "vllm"
+
+    def __post_init__(self):
+        for name in ("max_thoughts", "max_thought_tokens", "max_response_tokens", "max_prompt_tokens"):
+            _require(getattr(self, name) > 0, f"rollout.{name}", "must be > 0")
+        _require(self.max_thought_tokens <= self.max_response_tokens, "rollout.max_thought_tokens", "must be <= max_response_tokens")
+        _require(self.temperature >= 0, "rollout.temperature", "must be >= 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _require(self.top_k >= 0, "rollout.top_k", "must be >= 0")
+        _require(bool(self.stop), "rollout.stop", "must be a non-empty stop string")
+        _require(self.engine in ("hf", "vllm"), "rollout.engine", "hf|vllm")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    method: str = "srpo"
+    split: str = "1x4"
+    localizer: str = ""  # empty: the method's default (rrpo: random, srpo: self)
+    rollouts_per_prompt: int = 8
+    seed_search_budget: int = 12
+    incorrect_threshold: float = 0.5  # reward <= threshold is an incorrect chain
+    localization_template: str = "localization_v1"
+    localization_temperature: float = -1.0  # < 0: 0.3 for 1x4 and 2x4, 0.0 for 1x8 (REFERENCE.md)
+    localization_max_tokens: int = 4096
+
+    def __post_init__(self):
+        _require(self.method in METHODS, "method.method", f"one of {METHODS}")
+        _require(self.split in SPLITS, "method.split", f"one of {SPLITS}")
+        loc = self.resolved_localizer
+        _require(loc in LOCALIZERS, "method.localizer", f"one of {LOCALIZERS}")
+        _require(self.method != "rrpo" or loc == "random", "method.localizer", "rrpo resets at random; use srpo for other localizers")
+        _require(self.method != "srpo" or loc != "random", "method.localizer", "srpo with random resets is rrpo")
+        _require(self.rollouts_per_prompt == 8 or self.method == "grpo", "method.rollouts_per_prompt", "the reset splits are defined for a budget of 8")
+        _require(self.rollouts_per_prompt > 1, "method.rollouts_per_prompt", "must be > 1")
+        _require(self.seed_search_budget >= 1, "method.seed_search_budget", "must be >= 1")
+        _require(self.localization_max_tokens > 0, "method.localization_max_tokens", "must be > 0")
+
+    @property
+    def resolved_localizer(self) -> str:
+        return self.localizer or DEFAULT_LOCALIZER[self.method]
+
+    @property
+    def resolved_localization_temperature(self) -> float:
+        if self.localization_temperature >= 0:
+            return self.localization_temperature
+        return 0.0 if self.split == "1x8" else 0.3
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    loss: str = "pg"  # "pg" (paper: no ratio, no clip) | "clip" (table 4 ablation)
+    clip_eps: float = 0.2
+    dual_clip: float = 3.0
+    kl_coef: float = 0.0
+
+    def __post_init__(self):
+        _require(self.loss in LOSSES, "loss.loss", f"one of {LOSSES}")
+        _require(0 < self.clip_eps < 1, "loss.clip_eps", "must be in (0, 1)")
+        _require(self.dual_clip > 1, "loss.dual_clip", "must be > 1")
+        _require(self.kl_coef == 0.0, "loss.kl_coef", "KL regularisation is not implemented (the paper uses none)")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 64
+    alpha: int = 64
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+    def __post_init__(self):
+        _require(self.r > 0, "lora.r", "must be > 0")
+        _require(self.alpha > 0, "lora.alpha", "must be > 0")
+        _require(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(self.grad_clip > 0, "optim.grad_clip", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    prompts_per_step: int = 32
+    mini_batch_prompts: int = 8
+    micro_batch_sequences: int = 8
+    update_epochs: int = 1
+    epochs: int = 2
+    max_steps: int = 0  # 0: epochs * train_size / prompts_per_step
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _require(self.prompts_per_step > 0, "train.prompts_per_step", "must be > 0")
+        _require(0 < self.mini_batch_prompts <= self.prompts_per_step, "train.mini_batch_prompts", "must be in 1..prompts_per_step")
+        _require(self.prompts_per_step % self.mini_batch_prompts == 0, "train.mini_batch_prompts", "must divide prompts_per_step")
+        _require(self.micro_batch_sequences > 0, "train.micro_batch_sequences", "must be > 0")
+        _require(self.update_epochs > 0, "train.update_epochs", "must be > 0")
+        _require(self.epochs > 0, "train.epochs", "must be > 0")
+        _require(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "numinamath_olympiads"  # "synthetic" or a benchmark name
+    train_size: int = 400
+    data_seed: int = 42
+    path: str = ""  # a local JSONL file; empty: the task's default source
+
+    def __post_init__(self):
+        _require(bool(self.task), "data.task", "must name a task")
+        _require(self.train_size > 0, "data.train_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    benchmarks: tuple[str, ...] = (
+        "numinamath_olympiads", "hmmt_nov_2025", "math_level5", "strategyqa", "acereason_math",
+        "sciknoweval_chemistry", "sciknoweval_biology", "sciknoweval_materials", "sciknoweval_physics",
+        "commonsenseqa",
+    )
+    items_per_benchmark: int = 500
+    every_steps: int = 0  # 0: only before and after training
+    temperature: float = 0.0
+    batch_size: int = 64
+
+    def __post_init__(self):
+        _require(self.items_per_benchmark > 0, "eval.items_per_benchmark", "must be > 0")
+        _require(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
+        _require(self.temperature >= 0, "eval.temperature", "must be >= 0")
+        _require(self.batch_size > 0, "eval.batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: dict = field(default_factory=dict)  # per-step scheduler requests (flows, SLURM)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def override(self, **dotted: Any) -> "Config":
+        """`cfg.override(**{"method.method": "grpo"})`: a new validated config."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            _set_dotted(data, key, value, Config)
+        return from_dict(data)
+
+
+def _set_dotted(data: dict, key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    node, typ = data, cls
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) else None
+        if fields is not None and part not in fields:
+            raise ConfigError(f"{key}: unknown key {part!r}{_suggest(part, fields)}")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            typ = typing.get_type_hints(typ)[part] if fields is not None else dict
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is Any or typ is dict or origin is dict:
+        _require(isinstance(value, dict) or typ is Any, key, f"expected a mapping, got {type(value).__name__}")
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), key, f"expected a list, got {type(value).__name__}")
+        args = typing.get_args(typ)
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if item is None:
+            _require(len(value) == len(args), key, f"expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for t in typing.get_args(typ):
+            if t is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, t, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if typ is bool:
+        _require(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    _require(isinstance(data, dict), prefix or "config", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown key{_suggest(str(key), names)}")
+        typ = hints[key]
+        kwargs[key] = _build(typ, value, dotted) if dataclasses.is_dataclass(typ) else _coerce(value, typ, dotted)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    return _build(Config, data, "")
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key -> 1-based line number, from YAML's node marks."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                dotted = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines[dotted] = k.start_mark.line + 1
+                walk(v, dotted)
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def preset_path(name: str) -> Path | None:
+    p = resources.files("srpo_core") / "presets" / f"{name}.yaml"
+    return Path(str(p)) if p.is_file() else None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in (resources.files("srpo_core") / "presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a preset by name or a YAML file, then apply dotted overrides."""
+    path = Path(name_or_path)
+    if not path.exists():
+        found = preset_path(name_or_path)
+        if found is None:
+            raise ConfigError(f"config {name_or_path!r}: no such file and no preset of that name (presets: {', '.join(preset_names())})")
+        path = found
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    data.setdefault("name", path.stem)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value, Config)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        msg = str(exc)
+        key = msg.split(":", 1)[0].split("[", 1)[0]
+        line = _key_lines(text).get(key)
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(f"{where}: {msg}") from None

@@ -1,0 +1,112 @@
+"""The rollout-engine interface: plain Python types only (no torch, no Hugging Face types), so a
+vLLM engine or an HTTP client for an inference server can stand behind it.
+
+A thought-structured rollout is a chain of thoughts, each ending with the stop string (kept in
+the text). Chain-end rules (SPEC 1, REFERENCE.md), checked after every thought:
+  - the thought contains `\\boxed{`                              -> "answer"
+  - `max_thoughts` thoughts                                      -> "max_thoughts"
+  - response length + `max_thought_tokens` > `max_response_tokens` -> "max_response"
+  - context length + `max_thought_tokens` > `max_model_len`        -> "max_model_len"
+A thought that reaches `max_thought_tokens` without the stop string is cut there, kept without
+its delimiter, and the chain goes on. An end-of-sequence token ends the chain ("eos") and is not
+part of the response. Caps count the reset prefix: a suffix continues the seed's thought count
+and response length.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ThoughtLimits:
+    stop: str = "</thought>"
+    max_thoughts: int = 20
+    max_thought_tokens: int = 256
+    max_response_tokens: int = 4096
+    max_model_len: int = 32768
+
+
+@dataclass(frozen=True)
+class ThoughtRequest:
+    """Sample `n` chains from prompt + prefix. The prefix is a token-exact reset state: the
+    seed's response tokens for thoughts 1..h*-1, with their spans (response indices)."""
+
+    prompt_ids: tuple[int, ...]
+    n: int = 1
+    prefix_ids: tuple[int, ...] = ()
+    prefix_spans: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    response_ids: list[int]  # prefix tokens (if any) followed by generated tokens
+    prefix_len: int  # leading response tokens copied from the reset prefix (masked in the loss)
+    spans: list[tuple[int, int]]  # [start, end) of each thought in response indices
+    logprobs: list[float]  # per generated token (len = len(response_ids) - prefix_len), at the sampling temperature
+    thoughts: list[str]
+    text: str  # decoded response (prefix included)
+    finish_reason: str
+    adapter_version: str | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.response_ids) - self.prefix_len
+
+    @property
+    def prefix_thoughts(self) -> int:
+        return sum(1 for _, end in self.spans if end <= self.prefix_len)
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+    adapter_version: str | None = None
+
+
+@dataclass
+class TokenScores:
+    logprobs: list[float]  # log p(response token | context) at the given temperature
+    greedy_ids: list[int]  # the policy's argmax at each response position
+    extra: dict = field(default_factory=dict)
+
+
+class RolloutEngine(abc.ABC):
+    """What the rollout, localization and evaluation code needs from an inference backend."""
+
+    adapter_version: str | None = None
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
+
+    def encode_chat(self, text: str) -> list[int]:
+        """The text as a single user turn in the model's chat template (plain encode if none)."""
+        return self.encode(text)
+
+    @abc.abstractmethod
+    def generate_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams) -> list[list[Rollout]]:
+        """One list of `n` rollouts per request, in request order."""
+
+    @abc.abstractmethod
+    def complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams) -> list[Completion]:
+        """Free-form completions (localization), ending at end-of-sequence or `max_tokens`."""
+
+    @abc.abstractmethod
+    def teacher_force(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[TokenScores]:
+        """Score given responses: per-token log-probs and the greedy choice at each position."""

@@ -1,0 +1,66 @@
+"""Tasks: what the training loop needs from a data source.
+
+A task yields items (id, question, gold), scores a response (reward in [0, 1]) and, where it has
+a step checker, returns the first wrong thought of a chain (the CPI-CARO credit oracle). Tasks
+are chosen by name from `TASKS`; benchmark-backed tasks are added by `srpo_core.benchmarks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    id: str
+    question: str
+    gold: str
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+class Task(Protocol):
+    name: str
+    has_step_checker: bool
+
+    def items(self, split: str, n: int, seed: int) -> list[TaskItem]: ...
+
+    def reward(self, item: TaskItem, response: str) -> float: ...
+
+    def first_error(self, item: TaskItem, thoughts: list[str]) -> int | None: ...
+
+
+class SyntheticTask:
+    """Chained arithmetic mod 10 (tasks/synthetic.py), with an exact step checker."""
+
+    name = "synthetic"
+    has_step_checker = True
+
+    def items(self, split: str, n: int, seed: int) -> list[TaskItem]:
+        from srpo_core.tasks import synthetic
+
+        return [TaskItem(p.id, p.question, p.answer) for p in synthetic.make_split(split, n, seed)]
+
+    def reward(self, item: TaskItem, response: str) -> float:
+        from srpo_core.tasks import synthetic
+
+        return 1.0 if synthetic.extract_answer(response) == item.gold else 0.0
+
+    def first_error(self, item: TaskItem, thoughts: list[str]) -> int | None:
+        from srpo_core.tasks import synthetic
+
+        return synthetic.first_error(synthetic.Problem(item.id, item.question, item.gold), thoughts)
+
+
+TASKS: dict[str, Callable[[], Task]] = {"synthetic": SyntheticTask}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        try:  # benchmark-backed tasks register themselves on import
+            import srpo_core.benchmarks.tasks  # noqa: F401
+        except ModuleNotFoundError:
+            pass
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()

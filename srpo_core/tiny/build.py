@@ -1,0 +1,371 @@
+"""Build the embedded default model (`builtin:tiny-arith`) from a config, reproducibly.
+
+`build_tiny(cfg, out_dir)` builds the character tokenizer, a `LlamaForCausalLM` from scratch, and
+supervised-trains it on the synthetic task (rollout traces plus localization answers) until greedy
+pass@1 on held-out problems enters the target window, then saves a normal Hugging Face directory
+(`save_pretrained` model, tokenizer, generation config) with a `build_info.json`.
+
+`ensure_tiny()` returns the shipped checkpoint when its config hash matches, else builds once into
+a cache directory; `resolve_model_path("builtin:tiny-arith")` is how the rest of the code gets it.
+
+Rebuild the shipped checkpoint with:  srpo build-tiny --out srpo_core/assets/tiny-arith
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_NAME = "tiny-arith"
+# bump when the build code changes in a way that changes the weights for the same config
+BUILD_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / BUILTIN_NAME
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    # architecture (transformers Llama)
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    # task (srpo_core.tasks.synthetic) and prompt templates
+    min_ops: int = 4
+    max_ops: int = 8
+    split_seed: int = 0
+    n_train: int = 50000
+    n_val: int = 200  # held-out train-split problems that drive the stop rule
+    n_test: int = 200  # test-split problems for the reported pass@1 and localization agreement
+    rollout_template: str = "tiny_rollout_v1"
+    localization_template: str = "tiny_localization_v1"
+    # SFT
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 64
+    max_steps: int = 1500  # cosine horizon and hard cap
+    min_steps: int = 100
+    eval_interval: int = 25
+    # stop at the first evaluation with val pass@1 >= stop_at (inside [target_low, target_high])
+    target_low: float = 0.15
+    target_high: float = 0.60
+    stop_at: float = 0.30
+    # localization mix
+    loc_batch_size: int = 16
+    loc_weight: float = 1.0
+    loc_start: int = 0
+    copy_corrupt_frac: float = 0.3  # share of synthetic wrong chains that are copy slips
+    onpolicy_start: int = 150
+    onpolicy_interval: int = 25
+    onpolicy_prompts: int = 64
+    onpolicy_frac: float = 0.5  # share of localization examples drawn from the on-policy buffer
+    onpolicy_buffer: int = 2048
+    # determinism
+    seed: int = 0
+    num_threads: int = 2
+
+    def smoke(self) -> "TinyModelConfig":
+        """A few-step build that exercises every code path (for tests)."""
+        return dataclasses.replace(
+            self, n_train=256, n_val=8, n_test=8, max_steps=6, min_steps=0, warmup_steps=2, eval_interval=3,
+            batch_size=8, loc_batch_size=4, onpolicy_start=3, onpolicy_interval=3, onpolicy_prompts=4,
+        )
+
+
+def config_hash(cfg: TinyModelConfig) -> str:
+    payload = json.dumps({"build_version": BUILD_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _seed_everything(cfg: TinyModelConfig) -> None:
+    import torch
+
+    torch.set_num_threads(cfg.num_threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True)
+    # CPU kernels are deterministic already; NaN-filling every torch.empty makes generate() 30x slower
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def _make_model(cfg: TinyModelConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_theta=cfg.rope_theta,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _lr_at(cfg: TinyModelConfig, step: int) -> float:
+    import math
+
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / max(cfg.warmup_steps, 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = SHIPPED_DIR, progress: bool = True) -> Path:
+    """Train the tiny model for `cfg` and save it to `out_dir` (replaced if it exists)."""
+    cfg = cfg or TinyModelConfig()
+    t0 = time.time()
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    from srpo_core.tasks import synthetic
+    from srpo_core.tiny import sft
+    from srpo_core.tiny.tokenizer import build_tokenizer
+
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
+    _seed_everything(cfg)
+    try:
+        tokenizer = build_tokenizer()
+        model = _make_model(cfg, tokenizer)
+        model.train()
+        enc = sft.Encoder(tokenizer, cfg.rollout_template, cfg.localization_template)
+        rng = random.Random(f"tiny-sft-{cfg.seed}")
+
+        pool = synthetic.make_split("train", cfg.n_train + cfg.n_val, seed=cfg.split_seed, min_ops=cfg.min_ops, max_ops=cfg.max_ops)
+        train, val = pool[: cfg.n_train], pool[cfg.n_train :]
+        test = synthetic.make_split("test", cfg.n_test, seed=cfg.split_seed, min_ops=cfg.min_ops, max_ops=cfg.max_ops)
+
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95),
+        )
+
+        rollout_cache: dict[str, sft.Example] = {}
+        buffer: list[tuple] = []  # on-policy wrong chains (problem, thoughts, label), FIFO
+        history: list[dict] = []
+        snapshot = None  # (step, val pass@1, state dict) of the latest evaluation inside the window
+        stopped_at = None
+        step = 0
+        bar = tqdm(total=cfg.max_steps, desc="build-tiny", disable=not progress, dynamic_ncols=True)
+        for step in range(1, cfg.max_steps + 1):
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            problems = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+            examples = []
+            for p in problems:
+                if p.question not in rollout_cache:
+                    rollout_cache[p.question] = enc.rollout(p)
+                examples.append(rollout_cache[p.question])
+            loss_roll = sft.response_loss(model, enc.collate(examples))
+            loss = loss_roll
+            loss_loc = None
+            if cfg.loc_batch_size > 0 and step >= cfg.loc_start:
+                loc_examples = []
+                for _ in range(cfg.loc_batch_size):
+                    if buffer and rng.random() < cfg.onpolicy_frac:
+                        p, thoughts, label = buffer[rng.randrange(len(buffer))]
+                    else:
+                        p = train[rng.randrange(len(train))]
+                        if rng.random() < cfg.copy_corrupt_frac:
+                            thoughts, label = sft.copy_corrupt(p, rng)
+                        else:
+                            thoughts, label = synthetic.corrupt(p, rng)
+                    loc_examples.append(enc.localization(p, thoughts, label))
+                loss_loc = sft.response_loss(model, enc.collate(loc_examples))
+                loss = loss + cfg.loc_weight * loss_loc
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            bar.update(1)
+
+            if cfg.onpolicy_interval and step >= cfg.onpolicy_start and step % cfg.onpolicy_interval == 0:
+                probs = [train[rng.randrange(len(train))] for _ in range(cfg.onpolicy_prompts)]
+                ev = sft.eval_rollouts(model, enc, probs, cfg.max_ops, sample=True)
+                buffer.extend(sft.wrong_chains(probs, ev.responses, ev.rewards))
+                del buffer[: max(0, len(buffer) - cfg.onpolicy_buffer)]
+
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                ev = sft.eval_rollouts(model, enc, val, cfg.max_ops)
+                row = {"step": step, "val_pass_at_1": ev.pass_at_1, "loss_rollout": round(loss_roll.item(), 4),
+                       "loss_localization": None if loss_loc is None else round(loss_loc.item(), 4), "buffer": len(buffer),
+                       "seconds": round(time.time() - t0, 1)}
+                history.append(row)
+                bar.set_postfix(pass1=f"{ev.pass_at_1:.2f}", loss=f"{loss_roll.item():.3f}", loc=row["loss_localization"])
+                if cfg.target_low <= ev.pass_at_1 <= cfg.target_high:
+                    snapshot = (step, ev.pass_at_1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                if step >= cfg.min_steps and ev.pass_at_1 >= cfg.stop_at:
+                    stopped_at = step
+                    break
+        bar.close()
+        steps_trained = step
+        if snapshot is not None and not (cfg.target_low <= history[-1]["val_pass_at_1"] <= cfg.target_high):
+            # overshot the window between two evaluations: go back to the last one inside it
+            steps_trained = snapshot[0]
+            model.load_state_dict(snapshot[2])
+
+        # measurements on the test split: greedy pass@1, where greedy chains go wrong, and the
+        # model's own localization of its own wrong chains (greedy and sampled) against the oracle
+        ev_test = sft.eval_rollouts(model, enc, test, cfg.max_ops)
+        greedy_wrong = sft.wrong_chains(test, ev_test.responses, ev_test.rewards)
+        ev_sample = sft.eval_rollouts(model, enc, test, cfg.max_ops, sample=True)
+        sampled_wrong = sft.wrong_chains(test, ev_sample.responses, ev_sample.rewards)
+        loc_greedy = sft.eval_localization(model, enc, greedy_wrong)
+        loc_sampled = sft.eval_localization(model, enc, sampled_wrong)
+        synth_rng = random.Random(f"tiny-eval-{cfg.seed}")
+        synth = [(p, *synthetic.corrupt(p, synth_rng)) for p in test]
+        loc_synth = sft.eval_localization(model, enc, synth)
+
+        out_dir = Path(out_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        info = {
+            "name": BUILTIN_NAME,
+            "config": dataclasses.asdict(cfg),
+            "config_hash": config_hash(cfg),
+            "build_version": BUILD_VERSION,
+            "seed": cfg.seed,
+            "steps_trained": steps_trained,
+            "stopped_by_rule": stopped_at is not None,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "val_pass_at_1": history[-1]["val_pass_at_1"] if history else None,
+            "pass_at_1": ev_test.pass_at_1,
+            "pass_at_1_split": f"test[:{len(test)}]",
+            "sampled_pass_at_1": ev_sample.pass_at_1,
+            "greedy_first_error_histogram": sft.error_histogram(greedy_wrong),
+            "localization": {
+                "greedy_wrong": dataclasses.asdict(loc_greedy),
+                "sampled_wrong": dataclasses.asdict(loc_sampled),
+                "synthetic_corrupt": dataclasses.asdict(loc_synth),
+            },
+            "history": history,
+            "build_seconds": round(time.time() - t0, 1),
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "num_threads": cfg.num_threads,
+        }
+        (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        return out_dir
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+        torch.utils.deterministic.fill_uninitialized_memory = fill_before
+        torch.set_num_threads(threads_before)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _read_hash(path: Path) -> str | None:
+    try:
+        return json.loads((path / "build_info.json").read_text(encoding="utf-8")).get("config_hash")
+    except (OSError, ValueError):
+        return None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SRPO_CACHE_DIR") or Path.home() / ".cache" / "srpo")
+
+
+def ensure_tiny(cfg: TinyModelConfig | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The shipped checkpoint when it was built from `cfg`, else a cached build (built once)."""
+    cfg = cfg or TinyModelConfig()
+    want = config_hash(cfg)
+    if _read_hash(SHIPPED_DIR) == want and (SHIPPED_DIR / "model.safetensors").exists():
+        return SHIPPED_DIR
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / BUILTIN_NAME / want[:16]
+    if _read_hash(target) == want:
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}-", dir=root))
+    try:
+        build_tiny(cfg, tmp / "model")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # a stale or partial build with another hash under our name
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp / "model", target)
+        except OSError:
+            if _read_hash(target) != want:  # not a concurrent build that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`builtin:tiny-arith` -> a local checkpoint directory; anything else is returned unchanged."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path[len(BUILTIN_PREFIX) :]
+        if name != BUILTIN_NAME:
+            raise ValueError(f"unknown builtin model {name_or_path!r}; available: {BUILTIN_PREFIX}{BUILTIN_NAME}")
+        return str(ensure_tiny())
+    return name_or_path
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("build-tiny", help="build the embedded tiny model (builtin:tiny-arith) from scratch")
+    p.add_argument("--out", default=None, help="output directory (default: the shipped checkpoint; with --smoke, "
+                   "$SRPO_CACHE_DIR/tiny-arith-smoke)")
+    p.add_argument("--seed", type=int, default=TinyModelConfig.seed)
+    p.add_argument("--max-steps", type=int, default=None, help="cap on SFT steps (also the cosine horizon)")
+    p.add_argument("--smoke", action="store_true", help="a few-step build to check the pipeline")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    cfg = TinyModelConfig(seed=args.seed)
+    if args.smoke:
+        cfg = cfg.smoke()
+    if args.max_steps is not None:
+        cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
+    out_dir = args.out or (default_cache_dir() / f"{BUILTIN_NAME}-smoke" if args.smoke else SHIPPED_DIR)
+    out = build_tiny(cfg, out_dir, progress=not args.no_progress)
+    info = json.loads((out / "build_info.json").read_text(encoding="utf-8"))
+    loc = info["localization"]["greedy_wrong"]
+    print(
+        f"built {out} in {info['build_seconds']} s: {info['steps_trained']} steps, test pass@1 {info['pass_at_1']:.3f}, "
+        f"localization on own greedy errors {loc['exact']:.3f} exact vs chance {loc['chance_exact']:.3f} (n={loc['n']})"
+    )
+    return 0

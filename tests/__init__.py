@@ -1,0 +1,1 @@
+"""Test package (makes `tests.conftest_servers` importable as a pytest plugin)."""

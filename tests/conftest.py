@@ -1,0 +1,30 @@
+"""Shared fixtures: offline tiny models, and (via tests.conftest_servers) real local servers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("USERNAME", "srpo-tests")  # Metaflow refuses to run as root without it
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["tests.conftest_servers"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """The embedded default model (builtin:tiny-arith), resolved like any HF path."""
+    from srpo_core.tiny.build import resolve_model_path
+
+    return os.environ.get("SRPO_TEST_MODEL") or resolve_model_path("builtin:tiny-arith")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_path)

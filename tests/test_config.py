@@ -1,0 +1,76 @@
+"""Config: presets, the paper's defaults, overrides, and errors that name file, line and key."""
+
+import pytest
+
+from srpo_core.config import Config, ConfigError, load_config
+
+
+def test_paper_preset_has_table5_values():
+    cfg = load_config("paper")
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-14B-Instruct"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 64, 0.0)
+    assert cfg.optim.lr == 5e-5 and cfg.optim.betas == (0.9, 0.999) and cfg.optim.weight_decay == 0.01 and cfg.optim.grad_clip == 1.0
+    assert (cfg.train.prompts_per_step, cfg.train.mini_batch_prompts, cfg.train.update_epochs, cfg.train.epochs) == (32, 8, 1, 2)
+    assert cfg.data.train_size == 400
+    r = cfg.rollout
+    assert (r.max_thoughts, r.max_thought_tokens, r.max_response_tokens, r.max_prompt_tokens) == (20, 256, 4096, 2048)
+    assert (r.temperature, r.top_p, r.top_k) == (0.7, 0.95, 0)
+    m = cfg.method
+    assert (m.method, m.split, m.resolved_localizer, m.rollouts_per_prompt, m.seed_search_budget) == ("srpo", "1x4", "self", 8, 12)
+    assert m.resolved_localization_temperature == 0.3
+    assert cfg.loss.loss == "pg" and cfg.loss.kl_coef == 0.0
+    assert cfg.eval.temperature == 0.0 and cfg.eval.items_per_benchmark == 500
+    assert cfg.resources["learner"]["gpu"] >= 1 and "gpu" not in load_config("tiny").resources.get("learner", {})
+
+
+def test_olmo_preset():
+    assert load_config("paper_olmo").model.name_or_path == "allenai/Olmo-3-7B-Instruct"
+
+
+def test_dataclass_defaults_are_the_paper():
+    assert Config().optim.lr == 5e-5 and Config().rollout.temperature == 0.7
+
+
+def test_localization_temperature_per_split():
+    assert load_config("tiny", {"method.split": "1x8"}).method.resolved_localization_temperature == 0.0
+    assert load_config("tiny", {"method.split": "2x4"}).method.resolved_localization_temperature == 0.3
+
+
+def test_override_method_resets_default_localizer():
+    cfg = load_config("tiny")
+    assert cfg.override(**{"method.method": "rrpo"}).method.resolved_localizer == "random"
+    with pytest.raises(ConfigError, match="rrpo resets at random"):
+        cfg.override(**{"method.method": "rrpo", "method.localizer": "oracle"})
+
+
+def test_hash_changes_with_values():
+    cfg = load_config("tiny")
+    assert cfg.hash() == load_config("tiny").hash()
+    assert cfg.hash() != cfg.override(**{"train.seed": 42}).hash()
+
+
+@pytest.mark.parametrize("body,line,fragment", [
+    ("rollout:\n  temprature: 0.5\n", 2, "rollout.temprature: unknown key (did you mean 'temperature'?)"),
+    ("model:\n  name_or_path: x\nrollout:\n  top_p: 1.5\n", 4, "rollout.top_p: must be in (0, 1]"),
+    ("method:\n  method: srpo\n  split: 3x4\n", 3, "method.split: one of"),
+    ("optim:\n  lr: fast\n", 2, "optim.lr: expected a number, got 'fast'"),
+    ("train:\n  prompts_per_step: 32\n  mini_batch_prompts: 5\n", 3, "must divide prompts_per_step"),
+    ("optim:\n  betas: [0.9]\n", 2, "optim.betas: expected 2 items"),
+    ("methd:\n  method: grpo\n", 1, "methd: unknown key (did you mean 'method'?)"),
+])
+def test_bad_config_names_file_line_and_key(tmp_path, body, line, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:{line}: ") and fragment in msg
+
+
+def test_invalid_yaml_and_missing_preset(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="no such file and no preset"):
+        load_config("nonexistent-preset")
