@@ -141,28 +141,44 @@ def sample(engine: RolloutEngine, states: list[PromptState], counts: list[int], 
     return out
 
 
-def search_seeds(engine: RolloutEngine, task: Task, states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int, incorrect_threshold: float, limits: ThoughtLimits, sampling: SamplingParams, max_rounds: int | None = None, timings: dict[str, float] | None = None) -> int:
-    """Rounds of batched sampling until every prompt has its seeds or spent its budget; then the
-    base groups are finalized and filled. Returns the number of rounds run."""
-    spec = SPLITS[split]
-    rounds = 0
-    while max_rounds is None or rounds < max_rounds:
-        counts = [wanted_attempts(s, method, spec, budget, rollouts_per_prompt) for s in states]
-        if not any(counts):
-            break
-        round_sampling = SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, seed=sampling.seed * 1000 + rounds)
-        for state, rollouts in zip(states, sample(engine, states, counts, limits, round_sampling)):
-            absorb(state, verify(task, state.item, rollouts, timings), method, spec, incorrect_threshold)
-        rounds += 1
+def round_sampling(sampling: SamplingParams, round_index: int) -> SamplingParams:
+    return SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, seed=sampling.seed * 1000 + round_index)
+
+
+def round_counts(states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int) -> list[int]:
+    return [wanted_attempts(s, method, SPLITS[split], budget, rollouts_per_prompt) for s in states]
+
+
+def absorb_round(task: Task, states: list[PromptState], rollouts: list[list[Rollout]], method: str, split: str, incorrect_threshold: float, timings: dict[str, float] | None = None) -> None:
+    for state, rs in zip(states, rollouts):
+        absorb(state, verify(task, state.item, rs, timings), method, SPLITS[split], incorrect_threshold)
+
+
+def finalize_base(states: list[PromptState], method: str, split: str, rollouts_per_prompt: int) -> list[int]:
+    """Close the seed search: keep collected chains up to each prompt's base capacity (the rest
+    are dropped) and return how many fresh iid chains fill each base group."""
     fill = []
     for s in states:
-        cap = base_capacity(s, method, spec, rollouts_per_prompt)
+        cap = base_capacity(s, method, SPLITS[split], rollouts_per_prompt)
         s.base = s.collected[:cap]
         s.dropped += len(s.collected) - len(s.base)
         s.dropped_tokens += sum(a.rollout.generated_tokens for a in s.collected[cap:])
         fill.append(cap - len(s.base))
-    fill_sampling = SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, seed=sampling.seed * 1000 + 999)
-    for state, rollouts in zip(states, sample(engine, states, fill, limits, fill_sampling)):
+    return fill
+
+
+FILL_ROUND = 999  # sampling-seed slot of the base-fill chains
+
+
+def search_seeds(engine: RolloutEngine, task: Task, states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int, incorrect_threshold: float, limits: ThoughtLimits, sampling: SamplingParams, first_round: int = 0, timings: dict[str, float] | None = None) -> int:
+    """Rounds of batched sampling until every prompt has its seeds or spent its budget; then the
+    base groups are finalized and filled. Returns the number of rounds run."""
+    rounds = first_round
+    while any(counts := round_counts(states, method, split, budget, rollouts_per_prompt)):
+        absorb_round(task, states, sample(engine, states, counts, limits, round_sampling(sampling, rounds)), method, split, incorrect_threshold, timings)
+        rounds += 1
+    fill = finalize_base(states, method, split, rollouts_per_prompt)
+    for state, rollouts in zip(states, sample(engine, states, fill, limits, round_sampling(sampling, FILL_ROUND))):
         state.base.extend(verify(task, state.item, rollouts, timings))
     return rounds
 

@@ -1,0 +1,66 @@
+"""Train and evaluate with SRPO, RRPO or GRPO. Each epoch step runs as its own Metaflow run of
+flows/srpo_step_flow.py; this flow prepares, launches them in order, and reports.
+
+    python flows/srpo_flow.py run                                   # the tiny preset, CPU, minutes
+    SRPO_CONFIG=paper python flows/srpo_flow.py run --with kubernetes
+    python flows/srpo_flow.py run --method grpo --seed 42 --set "eval.every_steps=2"
+    python flows/srpo_flow.py run --training-id ID                  # resume a killed training
+"""
+
+from metaflow import Config, FlowSpec, Parameter, step
+
+from srpo_core.training import default_config_path, parse_config
+
+
+class SRPOFlow(FlowSpec):
+    """Steps:
+
+    start       resolve the config and flags, fail fast (data, artifact store, MLflow), find the
+                resume point of --training-id, open the MLflow run
+    train_step  launch the next epoch-step run (SRPOStepFlow) with Metaflow's Runner, passing on
+                the datastore and --with settings, wait, log its metrics and evaluations to
+                MLflow; repeats itself until the last step
+    end         summary table, plots to MLflow, where to look
+    """
+
+    config = Config("config", default=default_config_path, parser=parse_config)
+    method = Parameter("method", default="", help="grpo | rrpo | srpo (default: the config's)")
+    split = Parameter("split", default="", help="1x4 | 2x4 | 1x8")
+    localizer = Parameter("localizer", default="", help="random | self | oracle | divergence")
+    seed = Parameter("seed", default=-1, type=int, help="training seed (default: the config's)")
+    steps = Parameter("steps", default=0, type=int, help="stop after this many epoch steps (0: all)")
+    overrides = Parameter("set", default="", help="space-separated key=value config overrides")
+    training_id = Parameter("training-id", default="", help="resume this training (or name a new one)")
+    quiet_steps = Parameter("quiet-steps", default=False, type=bool, help="hide the epoch-step runs' output")
+
+    @step
+    def start(self):
+        from srpo_core.training import apply_overrides, prepare
+
+        cfg = apply_overrides(self.config.to_dict(), self.method, self.split, self.localizer, self.seed, self.overrides, self.steps)
+        self.plan = prepare(cfg, self.training_id)
+        self.reports = []
+        print(f"training {self.plan.training_id}: steps {self.plan.next_step}..{self.plan.total_steps - 1} of {self.plan.total_steps}; artifacts {self.plan.artifact_root}")
+        self.status = "more" if self.plan.next_step < self.plan.total_steps else "done"
+        self.next({"more": self.train_step, "done": self.end}, condition="status")
+
+    @step
+    def train_step(self):
+        from srpo_core.training import launch_step, log_report
+
+        report = launch_step(self.plan, self.plan.next_step, show_output=not self.quiet_steps)
+        log_report(self.plan, report)
+        self.reports = self.reports + [report]
+        self.plan.next_step += 1
+        self.status = "more" if self.plan.next_step < self.plan.total_steps else "done"
+        self.next({"more": self.train_step, "done": self.end}, condition="status")
+
+    @step
+    def end(self):
+        from srpo_core.training import finish
+
+        self.summary = finish(self.plan, self.reports)
+
+
+if __name__ == "__main__":
+    SRPOFlow()

@@ -1,0 +1,303 @@
+"""Benchmark registry: name -> :class:`Benchmark`, with local-JSONL and hub loaders.
+
+Other modules add entries with :func:`register_benchmark` (e.g. the synthetic task of
+``srpo_core.tasks``); the built-in entries live in :mod:`srpo_core.benchmarks.catalog`.
+
+Local files: an explicit ``path``, else ``$SRPO_BENCHMARK_DIR/<file>``, else
+``<repo>/../shared/data/benchmarks/<file>``. Hub: ``datasets.load_dataset`` (imported lazily;
+a clear :class:`BenchmarkUnavailable` when it is missing or the hub cannot be reached).
+Sampling: ``random.Random(seed)`` shuffles the items, the first ``n`` are kept (REFERENCE.md).
+Malformed rows (bad JSON, missing question or gold) are reported with file and line and are
+either fatal (``on_error="raise"``) or skipped with a warning that counts them
+(``on_error="skip"``); they are never scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from srpo_core.benchmarks.items import Item
+from srpo_core.benchmarks.scoring import ScoreOptions, score_item
+from srpo_core.verifiers.verdict import Verdict
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "skip")
+SOURCES = ("local", "hub")
+ENV_BENCHMARK_DIR = "SRPO_BENCHMARK_DIR"
+
+
+class BenchmarkDataError(ValueError):
+    """A malformed row or file; the message starts with ``file:line:``."""
+
+
+class BenchmarkUnavailable(RuntimeError):
+    """The requested source cannot be read here (no local file, no ``datasets``, no hub)."""
+
+
+class BenchmarkDataWarning(UserWarning):
+    """Malformed rows were skipped (``on_error="skip"``)."""
+
+
+class RowError(ValueError):
+    """Raised by row converters for a row that cannot become an :class:`Item`."""
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where the full dataset lives: ``load_dataset(path, config, split=split, **kwargs)``
+    for each config, rows concatenated, then filtered by ``where``."""
+
+    path: str
+    split: str
+    configs: tuple[str | None, ...] = (None,)
+    where: Callable[[dict], bool] | None = None
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: its sources, how rows become items, prompts and scoring.
+
+    to_item(row, index) -> Item converts a local or hub row (raising RowError/KeyError/
+      TypeError for a malformed one).
+    prompt(item) -> str is the question text for the rollout template's ``{question}``.
+    keep(item) -> bool drops valid but unusable items (e.g. unverifiable golds); not errors.
+    eval_n / seed: the evaluation sample size and shuffle seed of REFERENCE.md.
+    train_fraction: for a benchmark that is also a training set, the share of the sample
+      used for training (``load(split="train"|"test")``).
+    answer_types: the answer types its items can have (first = default for ``srpo score``).
+    labels: default choice labels for ``srpo score`` records without ``choices``.
+    """
+
+    name: str
+    description: str
+    to_item: Callable[[dict, int], Item]
+    prompt: Callable[[Item], str]
+    answer_types: tuple[str, ...]
+    local_file: str | None = None
+    hub: HubSource | None = None
+    keep: Callable[[Item], bool] | None = None
+    eval_n: int | None = 500
+    seed: int = 42
+    train_fraction: float | None = None
+    labels: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ loading
+
+    def local_path(self, path: str | os.PathLike | None = None) -> Path:
+        """The local JSONL file to read (explicit, env dir, or the repo's shared samples)."""
+        if path is not None:
+            candidate = Path(path)
+        elif self.local_file is None:
+            raise BenchmarkUnavailable(
+                f"{self.name}: no local sample exists; load it with source='hub' or pass path="
+            )
+        else:
+            candidate = benchmark_dir() / self.local_file
+        if not candidate.is_file():
+            raise BenchmarkUnavailable(f"{self.name}: local file not found: {candidate}")
+        return candidate
+
+    def load(
+        self,
+        source: str = "local",
+        *,
+        path: str | os.PathLike | None = None,
+        n: int | None = None,
+        seed: int | None = None,
+        split: str | None = None,
+        on_error: str = "raise",
+    ) -> list[Item]:
+        """Items of this benchmark.
+
+        source: "local" (JSONL sample) or "hub" (full dataset by name).
+        n: keep the first ``n`` items after a seeded shuffle; None keeps all in file order.
+        split: "train" or "test" for benchmarks with ``train_fraction``: the seeded shuffle,
+          the first ``n`` (default ``eval_n``), then the first ``train_fraction`` is train.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        seed = self.seed if seed is None else seed
+        if source == "local":
+            items = self.load_local(path, on_error=on_error)
+        else:
+            items = self.load_hub(on_error=on_error)
+        if split is None:
+            return sample_items(items, n, seed)
+        return self._split(items, split, n, seed)
+
+    def load_eval(self, source: str = "local", *, seed: int | None = None, on_error: str = "raise") -> list[Item]:
+        """The evaluation set of REFERENCE.md: the test split for a training benchmark, else the
+        first ``eval_n`` items after the seeded shuffle (all items when ``eval_n`` is None)."""
+        if self.train_fraction is not None:
+            return self.load(source, seed=seed, split="test", on_error=on_error)
+        return self.load(source, n=self.eval_n, seed=seed, on_error=on_error)
+
+    def load_local(self, path: str | os.PathLike | None = None, *, on_error: str = "raise") -> list[Item]:
+        """All items of the local JSONL file, in file order (after ``keep``)."""
+        file = self.local_path(path)
+        rows, errors = read_jsonl(file)
+        return self._convert(((f"{file}:{line}", row) for line, row in rows), errors, on_error, str(file))
+
+    def load_hub(self, *, on_error: str = "raise") -> list[Item]:
+        """All items of the full dataset from the Hugging Face hub (after ``where``/``keep``)."""
+        if self.hub is None:
+            raise BenchmarkUnavailable(f"{self.name}: no hub source is known")
+        rows = load_hub_rows(self.hub)
+        label = f"hub:{self.hub.path}"
+        return self._convert(((f"{label}#{i}", row) for i, row in enumerate(rows)), [], on_error, label)
+
+    def _convert(
+        self, located_rows: Iterable[tuple[str, dict]], errors: list[str], on_error: str, label: str
+    ) -> list[Item]:
+        items: list[Item] = []
+        dropped = 0
+        if errors and on_error == "raise":
+            raise BenchmarkDataError(errors[0])
+        for index, (where, row) in enumerate(located_rows):
+            try:
+                item = self.to_item(row, index)
+            except (RowError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                message = f"{where}: {self.name}: {type(exc).__name__}: {exc}"
+                if on_error == "raise":
+                    raise BenchmarkDataError(message) from exc
+                errors.append(message)
+                continue
+            if self.keep is not None and not self.keep(item):
+                dropped += 1
+                continue
+            items.append(item)
+        if errors:
+            warnings.warn(
+                f"{self.name}: skipped {len(errors)} malformed rows of {label}; first: {errors[0]}",
+                BenchmarkDataWarning,
+                stacklevel=3,
+            )
+            for message in errors:
+                log.warning("skipped malformed row: %s", message)
+        if dropped:
+            log.info("%s: %d items of %s dropped by the benchmark's filter", self.name, dropped, label)
+        return items
+
+    def _split(self, items: list[Item], split: str, n: int | None, seed: int) -> list[Item]:
+        if self.train_fraction is None:
+            raise ValueError(f"{self.name} has no train/test split")
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        pool = sample_items(items, n if n is not None else (self.eval_n or len(items)), seed)
+        cut = int(len(pool) * self.train_fraction)
+        return pool[:cut] if split == "train" else pool[cut:]
+
+    # ------------------------------------------------------------------ prompts and scores
+
+    def format_prompt(self, item: Item) -> str:
+        """The question text (with options and answer instruction) for the rollout template."""
+        return self.prompt(item)
+
+    def score(self, response: str, item: Item, options: ScoreOptions | None = None, **overrides: Any) -> Verdict:
+        """Verdict for ``response``; ``overrides`` replace fields of ``options`` (e.g.
+        ``code_split="train"`` for the training reward of a code problem)."""
+        opts = options or ScoreOptions()
+        if overrides:
+            opts = replace(opts, **overrides)
+        return score_item(response, item, opts)
+
+
+# ---------------------------------------------------------------------- registry
+
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def register_benchmark(benchmark: Benchmark, *, replace_existing: bool = False) -> Benchmark:
+    """Add ``benchmark`` to the registry (a second registration of a name is an error)."""
+    if benchmark.name in BENCHMARKS and not replace_existing:
+        raise ValueError(f"benchmark {benchmark.name!r} is already registered")
+    BENCHMARKS[benchmark.name] = benchmark
+    return benchmark
+
+
+def get_benchmark(name: str) -> Benchmark:
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        known = ", ".join(sorted(BENCHMARKS)) or "(none)"
+        raise KeyError(f"unknown benchmark {name!r}; known: {known}") from None
+
+
+def list_benchmarks() -> list[str]:
+    return sorted(BENCHMARKS)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def benchmark_dir() -> Path:
+    """``$SRPO_BENCHMARK_DIR`` if set, else ``<repo>/../shared/data/benchmarks``."""
+    env = os.environ.get(ENV_BENCHMARK_DIR)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
+
+
+def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, object) pairs and ``file:line: why`` messages for unreadable lines."""
+    rows: list[tuple[int, dict]] = []
+    errors: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                errors.append(f"{path}:{line_no}: invalid JSON: {exc}")
+                continue
+            if not isinstance(obj, dict):
+                errors.append(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            rows.append((line_no, obj))
+    return rows, errors
+
+
+def sample_items(items: Sequence[Item], n: int | None, seed: int) -> list[Item]:
+    """All items (n=None) or the first ``n`` after shuffling with ``random.Random(seed)``."""
+    if n is None:
+        return list(items)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[:n]
+
+
+def load_hub_rows(hub: HubSource) -> list[dict]:
+    """Rows of a hub dataset via ``datasets.load_dataset`` (lazy import, clear errors)."""
+    try:
+        import datasets  # noqa: PLC0415 - optional, heavy dependency
+    except ImportError as exc:
+        raise BenchmarkUnavailable(
+            f"loading {hub.path} from the hub needs the `datasets` library (pip install datasets); "
+            "or use source='local'"
+        ) from exc
+    rows: list[dict] = []
+    for config in hub.configs:
+        try:
+            ds = datasets.load_dataset(hub.path, config, split=hub.split, **dict(hub.kwargs))
+        except Exception as exc:  # noqa: BLE001 - network, auth, missing config: all unavailable
+            raise BenchmarkUnavailable(
+                f"could not load {hub.path} (config={config}, split={hub.split}) from the hub: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        rows.extend(dict(row) for row in ds if hub.where is None or hub.where(row))
+    return rows

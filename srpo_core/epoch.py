@@ -1,0 +1,358 @@
+"""One epoch step as workflow phases, each a function a Metaflow step calls (flows/):
+
+    plan -> [per shard] generate -> verify -> localize -> suffix -> verify_suffix -> learn -> evaluate
+
+Phases exchange their work through the artifact store (run-scoped, immutable keys); workflow
+artifacts carry only keys, ids and metrics. The phases that need no model (`verify`,
+`verify_suffix`) import no torch. `learn` writes the step checkpoint (adapter, optimizer state,
+rollouts.jsonl, metrics) with its manifest, then moves the training's `latest` pointer: a
+training resumes from the last step whose checkpoint is complete.
+
+The seed search of algorithm 2 needs rewards between sampling rounds: `generate` samples the
+first round, `verify` scores it, and `localize` (which holds the model) runs any further rounds
+with in-process verification, closes the base groups, and localizes the seeds. Base-fill chains
+and suffixes are scored in `verify_suffix`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from srpo_core import pipeline
+from srpo_core import rollouts as R
+from srpo_core import store as S
+from srpo_core.config import Config, from_dict
+from srpo_core.engine.base import Rollout
+from srpo_core.tasks import TaskItem, get_task
+
+# ---- shard state and its JSON codec -----------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    states: list[R.PromptState]
+    pending: list[list[Rollout]] = field(default_factory=list)  # unscored chains per state
+    fill: list[list[Rollout]] = field(default_factory=list)  # unscored base-fill chains per state
+    locs: list[R.Localization] = field(default_factory=list)
+    suffixes: list[list[Rollout]] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    rounds: int = 0
+
+
+def _rollout(d: dict) -> Rollout:
+    return Rollout(**{**d, "spans": [tuple(s) for s in d["spans"]]})
+
+
+def _attempt(d: dict) -> R.Attempt:
+    return R.Attempt(_rollout(d["rollout"]), d["reward"])
+
+
+def _state(d: dict) -> R.PromptState:
+    return R.PromptState(
+        item=TaskItem(**d["item"]), prompt_ids=d["prompt_ids"], collected=[_attempt(a) for a in d["collected"]],
+        seeds=[_attempt(a) for a in d["seeds"]], attempts=d["attempts"], dropped=d["dropped"],
+        dropped_tokens=d["dropped_tokens"], base=[_attempt(a) for a in d["base"]],
+    )
+
+
+def shard_to_bytes(shard: Shard) -> bytes:
+    return json.dumps(dataclasses.asdict(shard)).encode()
+
+
+def shard_from_bytes(data: bytes) -> Shard:
+    d = json.loads(data)
+    return Shard(
+        states=[_state(s) for s in d["states"]],
+        pending=[[_rollout(r) for r in rs] for rs in d["pending"]],
+        fill=[[_rollout(r) for r in rs] for rs in d["fill"]],
+        locs=[R.Localization(**l) for l in d["locs"]],
+        suffixes=[[_rollout(r) for r in rs] for rs in d["suffixes"]],
+        records=d["records"], timings=d["timings"], rounds=d["rounds"],
+    )
+
+
+# ---- context ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every phase of one epoch step needs: small and picklable (a workflow artifact)."""
+
+    config: dict
+    training_id: str
+    step: int
+    run_id: str  # the workflow run of this epoch step (scopes its work keys)
+    artifact_root: str
+    parent_step: int | None  # the checkpoint this step starts from (None: the base model)
+
+    @property
+    def cfg(self) -> Config:
+        return from_dict(self.config)
+
+    def work_key(self, shard: int, phase: str, attempt: int = 0) -> str:
+        return f"runs/{self.training_id}/work/{self.step:06d}/{self.run_id}/shard{shard:03d}/{phase}-a{attempt}.json"
+
+
+def open_root(ctx: StepContext) -> S.Store:
+    return S.open_store(ctx.artifact_root)
+
+
+def _put(ctx: StepContext, key: str, shard: Shard) -> str:
+    open_root(ctx).put_bytes(key, shard_to_bytes(shard))
+    return key
+
+
+def _get(ctx: StepContext, key: str) -> Shard:
+    return shard_from_bytes(open_root(ctx).get_bytes(key))
+
+
+def plan_shards(ctx: StepContext, n_shards: int) -> list[list[str]]:
+    """The step's prompt ids (the data order of pipeline.step_batches), cut into shards."""
+    cfg = ctx.cfg
+    ids = step_item_ids(cfg, ctx.step)
+    n = max(1, min(n_shards, len(ids)))
+    return [ids[i::n] for i in range(n)]
+
+
+def train_items(cfg: Config) -> list[TaskItem]:
+    return get_task(cfg.data.task).items("train", cfg.data.train_size, cfg.data.data_seed)
+
+
+def n_steps(cfg: Config) -> int:
+    total = len(pipeline.step_batches(cfg.data.train_size, cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed))
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def step_item_ids(cfg: Config, step: int) -> list[str]:
+    items = train_items(cfg)
+    batches = pipeline.step_batches(len(items), cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed)
+    return [items[i].id for i in batches[step]]
+
+
+def data_cursor(cfg: Config, step: int) -> dict:
+    per_epoch = len(pipeline.step_batches(cfg.data.train_size, cfg.train.prompts_per_step, 1, cfg.train.seed))
+    return {"step": step, "epoch": step // per_epoch, "index_in_epoch": step % per_epoch, "item_ids": step_item_ids(cfg, step)}
+
+
+# ---- loading the policy ------------------------------------------------------------------------
+
+
+def download_checkpoint(ctx: StepContext, step: int, dest: Path) -> Path:
+    """Fetch and verify a step checkpoint (sha256 of every file against its manifest)."""
+    S.load_step(open_root(ctx), ctx.training_id, step, dest)
+    return dest
+
+
+def load_engine(ctx: StepContext, step: int | None = None, adapter_dir: Path | None = None):
+    """The policy of checkpoint `step` (default: the parent) behind the engine interface."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from srpo_core.engine.hf import HFEngine
+    from srpo_core.learner import DTYPES, load_tokenizer
+    from srpo_core.train import resolve_model_path
+
+    cfg = ctx.cfg
+    step = ctx.parent_step if step is None else step
+    path = resolve_model_path(cfg.model.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
+    if torch.cuda.is_available():
+        model = model.cuda()
+    version = "base"
+    if step is not None:
+        from peft import PeftModel
+
+        tmp = adapter_dir or Path(tempfile.mkdtemp(prefix="srpo-ckpt-"))
+        download_checkpoint(ctx, step, tmp)
+        model = PeftModel.from_pretrained(model, str(tmp / "adapter"))
+        version = f"step-{step + 1}"
+    return HFEngine(model.eval(), load_tokenizer(path), adapter_version=version)
+
+
+def items_by_id(cfg: Config, ids: list[str]) -> list[TaskItem]:
+    index = {it.id: it for it in train_items(cfg)}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise KeyError(f"items {missing[:5]} are not in the training data of task {cfg.data.task!r}")
+    return [index[i] for i in ids]
+
+
+# ---- phases ------------------------------------------------------------------------------------
+
+
+def phase_generate(ctx: StepContext, shard_index: int, item_ids: list[str], attempt: int = 0) -> str:
+    """First round of the seed search (GRPO: the whole group), unscored."""
+    cfg, m = ctx.cfg, ctx.cfg.method
+    engine = load_engine(ctx)
+    items = items_by_id(cfg, item_ids)
+    states = [R.PromptState(it, ids) for it, ids in zip(items, pipeline.encode_prompts(engine, cfg, items))]
+    timings: dict[str, float] = {}
+    with pipeline.timed(timings, "generation"):
+        counts = R.round_counts(states, m.method, m.split, m.seed_search_budget, m.rollouts_per_prompt)
+        pending = R.sample(engine, states, counts, pipeline.limits_of(cfg), R.round_sampling(phase_sampling(ctx, shard_index, 1), 0))
+    return _put(ctx, ctx.work_key(shard_index, "generate", attempt), Shard(states, pending=pending, timings=timings, rounds=1))
+
+
+def phase_sampling(ctx: StepContext, shard_index: int, phase: int):
+    return pipeline.sampling_of(ctx.cfg, pipeline.step_seed(ctx.cfg, ctx.step, phase) + 7919 * shard_index)
+
+
+def phase_verify(ctx: StepContext, shard_index: int, key: str, attempt: int = 0) -> str:
+    """Score the first round and absorb it (seeds, base candidates). No torch."""
+    cfg, m = ctx.cfg, ctx.cfg.method
+    shard = _get(ctx, key)
+    R.absorb_round(get_task(cfg.data.task), shard.states, shard.pending, m.method, m.split, m.incorrect_threshold, shard.timings)
+    shard.pending = []
+    return _put(ctx, ctx.work_key(shard_index, "verify", attempt), shard)
+
+
+def phase_localize(ctx: StepContext, shard_index: int, key: str, attempt: int = 0) -> str:
+    """Finish the seed search, close the base groups (fill chains unscored), localize seeds."""
+    cfg, m = ctx.cfg, ctx.cfg.method
+    shard = _get(ctx, key)
+    engine = load_engine(ctx)
+    task = get_task(cfg.data.task)
+    limits, sampling = pipeline.limits_of(cfg), phase_sampling(ctx, shard_index, 1)
+    with pipeline.timed(shard.timings, "generation"):
+        while any(counts := R.round_counts(shard.states, m.method, m.split, m.seed_search_budget, m.rollouts_per_prompt)):
+            R.absorb_round(task, shard.states, R.sample(engine, shard.states, counts, limits, R.round_sampling(sampling, shard.rounds)), m.method, m.split, m.incorrect_threshold, shard.timings)
+            shard.rounds += 1
+        fill = R.finalize_base(shard.states, m.method, m.split, m.rollouts_per_prompt)
+        shard.fill = R.sample(engine, shard.states, fill, limits, R.round_sampling(sampling, R.FILL_ROUND))
+    cases, shard.locs = pipeline.localize_phase(engine, task, cfg, shard.states, ctx.step * 1000 + shard_index, shard.timings)
+    return _put(ctx, ctx.work_key(shard_index, "localize", attempt), shard)
+
+
+def phase_suffix(ctx: StepContext, shard_index: int, key: str, attempt: int = 0) -> str:
+    """Sample G suffixes from each reset prefix x* (prefix encoded once per seed)."""
+    cfg = ctx.cfg
+    shard = _get(ctx, key)
+    engine = load_engine(ctx)
+    cases = R.seed_cases(shard.states)
+    with pipeline.timed(shard.timings, "suffix"):
+        shard.suffixes = R.sample_suffixes(engine, cases, shard.locs, R.SPLITS[cfg.method.split].suffixes, pipeline.limits_of(cfg), phase_sampling(ctx, shard_index, 3))
+    return _put(ctx, ctx.work_key(shard_index, "suffix", attempt), shard)
+
+
+def phase_verify_suffix(ctx: StepContext, shard_index: int, key: str, attempt: int = 0) -> str:
+    """Score the base-fill chains and the suffixes; build the shard's rollout records. No torch."""
+    cfg = ctx.cfg
+    shard = _get(ctx, key)
+    task = get_task(cfg.data.task)
+    start = time.perf_counter()
+    for state, rollouts in zip(shard.states, shard.fill):
+        state.base.extend(R.verify(task, state.item, rollouts))
+    shard.fill = []
+    records = R.build_records(task, ctx.step, shard.states, cfg.method.method, R.seed_cases(shard.states), shard.locs, shard.suffixes)
+    shard.timings["verification"] = shard.timings.get("verification", 0.0) + time.perf_counter() - start
+    shard.records = [dataclasses.asdict(r) for r in records]
+    return _put(ctx, ctx.work_key(shard_index, "verify_suffix", attempt), shard)
+
+
+def _record_from_dict(d: dict) -> R.Record:
+    return R.Record(**{**d, "rollout": _rollout(d["rollout"]), "item": TaskItem(**d["item"])})
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    step: int
+    checkpoint: str  # store prefix of the step checkpoint
+    metrics: dict
+    manifest_sha: str
+
+
+def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
+    """Advantages over every group, the LoRA update, and the step checkpoint + `latest`."""
+    import torch
+
+    from srpo_core.learner import Learner
+    from srpo_core.train import resolve_model_path
+
+    cfg = ctx.cfg
+    store = open_root(ctx)
+    shards = [_get(ctx, k) for k in shard_keys]
+    records = [_record_from_dict(d) for sh in shards for d in sh.records]
+    states = [s for sh in shards for s in sh.states]
+    timings: dict[str, float] = {}
+    for sh in shards:  # shards run in parallel: phase time is the slowest shard's
+        for k, v in sh.timings.items():
+            timings[k] = max(timings.get(k, 0.0), v)
+    pipeline.assign_advantages(records)
+    metrics = pipeline.step_metrics(records, states, get_task(cfg.data.task), timings)
+    work = Path(tempfile.mkdtemp(prefix="srpo-learn-"))
+    try:
+        parent_dir = None
+        if ctx.parent_step is not None:
+            parent_dir = download_checkpoint(ctx, ctx.parent_step, work / "parent")
+        torch.manual_seed(cfg.train.seed + ctx.step)
+        start = time.perf_counter()
+        learner = Learner(resolve_model_path(cfg.model.name_or_path), cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, loss=cfg.loss.loss, loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip}, gradient_checkpointing=cfg.train.gradient_checkpointing, adapter_path=str(parent_dir / "adapter") if parent_dir else None)
+        if parent_dir is not None:
+            learner.load_optimizer(parent_dir / "optimizer.pt")
+        metrics.update(learner.update(pipeline.train_sequences(records), cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs))
+        metrics["time/learner"] = time.perf_counter() - start
+        out = work / "out"
+        learner.save_adapter(out / "adapter")
+        learner.save_optimizer(out / "optimizer.pt")
+        pipeline.write_records(out / "rollouts.jsonl", records, ctx.step, cfg)
+        (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
+        parent_key = S.step_prefix(ctx.training_id, ctx.parent_step) if ctx.parent_step is not None else None
+        manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=ctx.config, parent_key=parent_key, data_cursor=data_cursor(cfg, ctx.step))
+        S.set_latest_step(store, ctx.training_id, ctx.step)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return StepOutcome(ctx.step, S.step_prefix(ctx.training_id, ctx.step), metrics, S.sha256_bytes(manifest.to_json().encode()))
+
+
+def eval_due(cfg: Config, step: int, total_steps: int) -> bool:
+    """Evaluate after step `step` (0-based) when every_steps divides step+1, and after the last."""
+    every = cfg.eval.every_steps
+    return step + 1 == total_steps or (every > 0 and (step + 1) % every == 0)
+
+
+def phase_evaluate(ctx: StepContext, total_steps: int, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Greedy evaluation, keyed by training step: before training (step 0, when this is the first
+    epoch step) and after this step's update (step+1) when due. Per-item outcomes go to the store."""
+    from srpo_core.evaluate import evaluate
+
+    cfg = ctx.cfg
+    store = open_root(ctx)
+    out: dict[str, dict[str, float]] = {}
+    due = []
+    if ctx.parent_step is None:
+        due.append((0, None))
+    if eval_due(cfg, ctx.step, total_steps):
+        due.append((ctx.step + 1, ctx.step))
+    for at, ckpt in due:
+        engine = load_engine(ctx, step=ckpt) if ckpt is not None else load_engine(dataclasses.replace(ctx, parent_step=None))
+        accs = {}
+        for name in cfg.eval.benchmarks:
+            task = get_task(name)
+            items = task.items("test", cfg.eval.items_per_benchmark, cfg.data.data_seed)
+            res = evaluate(engine, task, items, cfg, progress=progress, name=name)
+            accs[name] = res.accuracy
+            key = f"runs/{ctx.training_id}/eval/{at:06d}/{ctx.run_id}/{name}.jsonl"
+            store.put_bytes(key, "".join(json.dumps(o) + "\n" for o in res.outcomes).encode())
+        out[str(at)] = accs
+    return out
+
+
+# ---- the training: resume point -----------------------------------------------------------------
+
+
+def resume_point(store: S.Store, training_id: str) -> int | None:
+    """The last finished epoch step of a training (None: none yet). A step whose checkpoint is
+    complete but whose `latest` move was interrupted is adopted."""
+    latest = S.get_latest_step(store, training_id)
+    nxt = 0 if latest is None else latest + 1
+    if store.exists(S.manifest_key(training_id, nxt)):
+        S.set_latest_step(store, training_id, nxt)
+        return nxt
+    return latest

@@ -1,0 +1,242 @@
+"""Benchmark registry: every entry loads its sample and formats a prompt; sampling, splits,
+malformed rows, hub errors, and registration from other modules."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from srpo_core.benchmarks import (
+    BENCHMARKS,
+    EVAL_SUITE,
+    Benchmark,
+    BenchmarkDataError,
+    BenchmarkDataWarning,
+    BenchmarkUnavailable,
+    Item,
+    get_benchmark,
+    list_benchmarks,
+    looks_verifiable,
+    register_benchmark,
+    sample_items,
+)
+from srpo_core.benchmarks.catalog import math_prompt
+from srpo_core.benchmarks.registry import benchmark_dir
+
+# name -> (items in the sample file after filtering, answer types present)
+EXPECTED = {
+    "numinamath_olympiads": (96, {"math"}),
+    "hmmt_nov_2025": (20, {"math"}),
+    "math_level5": (500, {"math"}),
+    "math500": (450, {"math"}),
+    "aime24": (20, {"math"}),
+    "gsm8k": (500, {"math"}),
+    "strategyqa": (500, {"yes_no"}),
+    "commonsenseqa": (500, {"choice"}),
+    "sciknoweval_chemistry": (500, {"choice", "filling"}),
+    "sciknoweval_biology": (500, {"choice", "yes_no"}),
+    "sciknoweval_materials": (500, {"choice"}),
+    "sciknoweval_physics": (500, {"choice"}),
+    "livecodebench_medium": (104, {"code"}),
+}
+
+
+def test_registry_has_the_suite():
+    assert set(EVAL_SUITE) <= set(BENCHMARKS)
+    assert set(EXPECTED) | {"acereason_math"} <= set(list_benchmarks())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_entry_loads_its_sample_and_formats_a_prompt(name):
+    bench = get_benchmark(name)
+    items = bench.load()
+    count, kinds = EXPECTED[name]
+    assert len(items) == count
+    assert {item.answer_type for item in items} == kinds
+    assert len({item.id for item in items}) == count, "ids must be unique"
+    for item in items:
+        assert item.question.strip()
+        assert item.gold.strip() or item.answer_type == "code"
+        assert item.answer_type in bench.answer_types
+    prompt = bench.format_prompt(items[0])
+    assert items[0].question.strip()[:40] in prompt
+    if items[0].answer_type in ("choice", "yes_no"):
+        assert "\\boxed{" in prompt
+
+
+def test_commonsenseqa_prompt_layout():
+    bench = get_benchmark("commonsenseqa")
+    prompt = bench.format_prompt(bench.load()[0])
+    assert "\n A) bank\n B) library\n C) department store\n D) mall\n E) new york\n" in prompt
+    assert prompt.endswith("\\boxed{letter}.")
+
+
+def test_sciknoweval_prompt_layout():
+    bench = get_benchmark("sciknoweval_materials")
+    item = bench.load()[0]
+    prompt = bench.format_prompt(item)
+    assert "\nA. Mg in Ir\nB. Mg in Hg\nC. Mg in In\nD. Mg in K\n" in prompt
+    assert "\\boxed{letter}" in prompt
+    assert "without any explanation" not in prompt  # the dataset's instruction is kept in meta only
+    assert item.meta["instruction"].startswith("Given a question and four options")
+
+
+def test_golds_of_special_sources():
+    gsm8k = get_benchmark("gsm8k").load()
+    assert gsm8k[0].gold == "18" and "2,125" in {i.gold for i in gsm8k}
+    level5 = get_benchmark("math_level5").load()[0]
+    assert level5.gold == "\\frac{1}{2}" and level5.id == "test/algebra/2.json"
+    assert get_benchmark("aime24").load()[0].gold == "113"
+    hmmt = {i.id: i.gold for i in get_benchmark("hmmt_nov_2025").load()}
+    assert hmmt["hmmt-nov-2025-29"] == "\\frac{3\\sqrt{5}}{7}"
+    numina = get_benchmark("numinamath_olympiads").load()[0]
+    assert numina.gold == "83\\%" and numina.question.startswith("The efficiency of an ideal heat engine")
+    lcb = get_benchmark("livecodebench_medium").load()
+    assert sum(i.meta["platform"] == "leetcode" for i in lcb) == 54
+    assert all(i.meta["func_name"] for i in lcb if i.meta["platform"] == "leetcode")
+
+
+def test_verifiable_filter():
+    assert looks_verifiable("190 \\text{ cm}") and looks_verifiable("(-4, -3), (-3, -4), (3, 4), (4, 3)")
+    assert not looks_verifiable("\\text{The equilibrium point } (0,0) \\text{ is unstable (saddle).}")
+    assert not looks_verifiable("Assim, cada pessoa recebe exatamente 5 triângulos menores.")
+    assert not looks_verifiable("x = -1 \\pm \\sqrt{\\pi k + 1}, \\quad k = 0, 1, 2, \\ldots")
+
+
+def test_seeded_sampling_is_deterministic_and_seed_dependent():
+    bench = get_benchmark("gsm8k")
+    a = [i.id for i in bench.load(n=50, seed=42)]
+    assert a == [i.id for i in bench.load(n=50, seed=42)]
+    assert a != [i.id for i in bench.load(n=50, seed=7)]
+    assert len(set(a)) == 50
+    items = bench.load()
+    expected = list(range(len(items)))
+    import random
+
+    random.Random(42).shuffle(expected)
+    assert a == [items[k].id for k in expected[:50]]
+    assert sample_items(items, None, 0) == items
+
+
+def test_numinamath_train_test_split():
+    bench = get_benchmark("numinamath_olympiads")
+    train, test = bench.load(split="train"), bench.load(split="test")
+    assert (len(train), len(test)) == (76, 20)  # 80/20 of the 96 verifiable items
+    assert {i.id for i in train}.isdisjoint({i.id for i in test})
+    with pytest.raises(ValueError):
+        get_benchmark("gsm8k").load(split="train")
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_malformed_rows_raise_with_file_and_line(tmp_path):
+    good = json.dumps({"problem": "1+1?", "answer": "2"})
+    bad_json = _write(tmp_path / "bad.jsonl", [good, "{not json", good])
+    with pytest.raises(BenchmarkDataError, match=r"bad\.jsonl:2: invalid JSON"):
+        get_benchmark("math500").load(path=bad_json)
+    missing = _write(tmp_path / "missing.jsonl", [good, good, json.dumps({"problem": "no answer"})])
+    with pytest.raises(BenchmarkDataError, match=r"missing\.jsonl:3: .*answer"):
+        get_benchmark("math500").load(path=missing)
+    no_question = _write(tmp_path / "noq.jsonl", [json.dumps({"question": "", "answerKey": "A"})])
+    with pytest.raises(BenchmarkDataError, match=r"noq\.jsonl:1"):
+        get_benchmark("commonsenseqa").load(path=no_question)
+
+
+def test_malformed_rows_skipped_with_a_counted_warning(tmp_path):
+    good = json.dumps({"problem": "1+1?", "answer": "2"})
+    path = _write(tmp_path / "mixed.jsonl", [good, "{oops", json.dumps({"problem": "x"}), good])
+    with pytest.warns(BenchmarkDataWarning, match=r"skipped 2 malformed rows"):
+        items = get_benchmark("math500").load(path=path, on_error="skip")
+    assert [i.gold for i in items] == ["2", "2"]
+
+
+def test_bad_choice_gold_is_malformed(tmp_path):
+    row = {"question": "q?", "choices": {"label": ["A", "B"], "text": ["x", "y"]}, "answerKey": "C"}
+    path = _write(tmp_path / "csqa.jsonl", [json.dumps(row)])
+    with pytest.raises(BenchmarkDataError, match="answerKey"):
+        get_benchmark("commonsenseqa").load(path=path)
+
+
+def test_benchmark_dir_env(tmp_path, monkeypatch):
+    _write(tmp_path / "aime24.jsonl", [json.dumps({"id": 1, "problem": "p", "answer": "7"})])
+    monkeypatch.setenv("SRPO_BENCHMARK_DIR", str(tmp_path))
+    assert benchmark_dir() == tmp_path
+    assert [i.gold for i in get_benchmark("aime24").load()] == ["7"]
+    with pytest.raises(BenchmarkUnavailable, match="not found"):
+        get_benchmark("gsm8k").load()
+
+
+def test_acereason_has_no_local_sample_and_hub_needs_datasets():
+    bench = get_benchmark("acereason_math")
+    with pytest.raises(BenchmarkUnavailable, match="no local sample"):
+        bench.load()
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(BenchmarkUnavailable, match="datasets"):
+            bench.load(source="hub")
+    else:  # pragma: no cover - depends on the environment
+        pytest.skip("datasets is installed; the hub path is exercised elsewhere")
+
+
+def test_register_benchmark_hook():
+    def to_item(row, index):
+        return Item(f"toy-{index}", row["q"], row["a"], "math")
+
+    bench = Benchmark("toy_for_test", "toy", to_item, math_prompt, ("math",))
+    try:
+        register_benchmark(bench)
+        assert get_benchmark("toy_for_test") is bench
+        with pytest.raises(ValueError, match="already registered"):
+            register_benchmark(bench)
+        item = to_item({"q": "2+2?", "a": "4"}, 0)
+        assert bench.score("\\boxed{4}", item).correct
+    finally:
+        BENCHMARKS.pop("toy_for_test", None)
+    with pytest.raises(KeyError, match="unknown benchmark"):
+        get_benchmark("toy_for_test")
+
+
+def test_score_dispatches_by_answer_type():
+    csqa = get_benchmark("commonsenseqa")
+    item = csqa.load()[0]
+    assert csqa.score("\\boxed{A}", item).correct
+    assert not csqa.score("\\boxed{B}", item).correct
+    strategy = get_benchmark("strategyqa")
+    assert strategy.score("\\boxed{no}", strategy.load()[0]).correct
+    chem = get_benchmark("sciknoweval_chemistry")
+    filling = chem.load()[0]
+    assert chem.score(f"\\boxed{{{filling.gold}}}", filling).correct
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        level5 = get_benchmark("math_level5")
+        assert level5.score("\\boxed{0.5}", level5.load()[0]).correct
+
+
+def test_no_torch_or_transformers_imported():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, srpo_core.benchmarks, srpo_core.verifiers, srpo_core.benchmarks.score\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_load_eval_follows_the_reference_protocol():
+    assert len(get_benchmark("commonsenseqa").load_eval()) == 500
+    assert len(get_benchmark("aime24").load_eval()) == 20
+    numina = get_benchmark("numinamath_olympiads")
+    assert [i.id for i in numina.load_eval()] == [i.id for i in numina.load(split="test")]
+    small = get_benchmark("gsm8k").load_eval(seed=3)
+    assert len(small) == 500 and [i.id for i in small] != [i.id for i in get_benchmark("gsm8k").load()]
