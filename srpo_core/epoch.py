@@ -122,7 +122,7 @@ def plan_shards(ctx: StepContext, n_shards: int) -> list[list[str]]:
 
 
 def train_items(cfg: Config) -> list[TaskItem]:
-    return get_task(cfg.data.task).items("train", cfg.data.train_size, cfg.data.data_seed)
+    return get_task(cfg.data.task, cfg.data.path).items("train", cfg.data.train_size, cfg.data.data_seed)
 
 
 def n_steps(cfg: Config) -> int:

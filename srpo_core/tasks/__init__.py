@@ -52,10 +52,11 @@ class SyntheticTask:
         return synthetic.first_error(synthetic.Problem(item.id, item.question, item.gold), thoughts)
 
 
-TASKS: dict[str, Callable[[], Task]] = {"synthetic": SyntheticTask}
+TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask}
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, path: str = "") -> Task:
+    """The task `name`; `path` points a data-backed task at a local file instead of its default."""
     if name not in TASKS:
         try:  # benchmark-backed tasks register themselves on import
             import srpo_core.benchmarks.tasks  # noqa: F401
@@ -63,4 +64,6 @@ def get_task(name: str) -> Task:
             pass
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
+    if path and name == "synthetic":
+        raise ValueError("data.path: the synthetic task is generated, it reads no file")
+    return TASKS[name](path=path) if path else TASKS[name]()
