@@ -7,7 +7,7 @@ can also be run by hand: `python flows/srpo_step_flow.py run --context '{"traini
 import json
 import time
 
-from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step
+from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step, timeout
 
 from srpo_core.training import default_config_path, parse_config
 
@@ -42,6 +42,7 @@ class SRPOStepFlow(FlowSpec):
         self.next(self.generate, foreach="shards")
 
     @retry(times=1)
+    @timeout(minutes=config.resources.generation.timeout_minutes)
     @resources(cpu=config.resources.generation.cpu, gpu=config.resources.generation.gpu, memory=config.resources.generation.memory)
     @step
     def generate(self):
@@ -52,6 +53,7 @@ class SRPOStepFlow(FlowSpec):
         self.next(self.verify)
 
     @retry(times=1)
+    @timeout(minutes=config.resources.verification.timeout_minutes)
     @resources(cpu=config.resources.verification.cpu, memory=config.resources.verification.memory)
     @step
     def verify(self):
@@ -61,6 +63,7 @@ class SRPOStepFlow(FlowSpec):
         self.next(self.localize)
 
     @retry(times=1)
+    @timeout(minutes=config.resources.localization.timeout_minutes)
     @resources(cpu=config.resources.localization.cpu, gpu=config.resources.localization.gpu, memory=config.resources.localization.memory)
     @step
     def localize(self):
@@ -70,6 +73,7 @@ class SRPOStepFlow(FlowSpec):
         self.next(self.suffix)
 
     @retry(times=1)
+    @timeout(minutes=config.resources.suffix.timeout_minutes)
     @resources(cpu=config.resources.suffix.cpu, gpu=config.resources.suffix.gpu, memory=config.resources.suffix.memory)
     @step
     def suffix(self):
@@ -79,6 +83,7 @@ class SRPOStepFlow(FlowSpec):
         self.next(self.verify_suffix)
 
     @retry(times=1)
+    @timeout(minutes=config.resources.verification.timeout_minutes)
     @resources(cpu=config.resources.verification.cpu, memory=config.resources.verification.memory)
     @step
     def verify_suffix(self):
@@ -93,6 +98,7 @@ class SRPOStepFlow(FlowSpec):
         self.merge_artifacts(inputs, include=["ctx", "total_steps", "t0"])
         self.next(self.learner)
 
+    @timeout(minutes=config.resources.learner.timeout_minutes)
     @resources(cpu=config.resources.learner.cpu, gpu=config.resources.learner.gpu, memory=config.resources.learner.memory)
     @step
     def learner(self):
@@ -102,6 +108,7 @@ class SRPOStepFlow(FlowSpec):
         self.checkpoint, self.metrics = outcome.checkpoint, outcome.metrics
         self.next(self.evaluate)
 
+    @timeout(minutes=config.resources.evaluation.timeout_minutes)
     @resources(cpu=config.resources.evaluation.cpu, gpu=config.resources.evaluation.gpu, memory=config.resources.evaluation.memory)
     @step
     def evaluate(self):

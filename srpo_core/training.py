@@ -19,7 +19,7 @@ from srpo_core import store as S
 from srpo_core.config import Config, ConfigError, from_dict, load_config
 
 PHASES = ("generation", "localization", "suffix", "learner", "evaluation", "verification")
-DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096}
+DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120}
 STEP_FLOW = Path(__file__).resolve().parent.parent / "flows" / "srpo_step_flow.py"
 
 
@@ -136,6 +136,15 @@ def inherited_options(argv: list[str]) -> dict:
     return out
 
 
+def kubernetes_env(cfg: Config) -> dict[str, str]:
+    """The container image of the config's `resources.image` for steps run with --with kubernetes
+    (Metaflow reads METAFLOW_KUBERNETES_CONTAINER_IMAGE); an image set in the environment wins."""
+    image = str(cfg.resources.get("image") or "")
+    if image and not os.environ.get("METAFLOW_KUBERNETES_CONTAINER_IMAGE"):
+        return {"METAFLOW_KUBERNETES_CONTAINER_IMAGE": image}
+    return {}
+
+
 @dataclass
 class StepReport:
     step: int
@@ -154,7 +163,7 @@ def launch_step(plan: Plan, step: int, show_output: bool = True, argv: list[str]
     options = inherited_options(sys.argv if argv is None else argv)
     ctx = {"training_id": plan.training_id, "step": step, "artifact_root": plan.artifact_root, "parent_step": step - 1 if step > 0 else None, "total_steps": plan.total_steps}
     tags = [f"training_id:{plan.training_id}", f"method:{cfg.method.method}", f"seed:{cfg.train.seed}", f"step:{step}"]
-    env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, "USERNAME": os.environ.get("USERNAME", "srpo")}
+    env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, "USERNAME": os.environ.get("USERNAME", "srpo"), **kubernetes_env(cfg)}
     start = time.perf_counter()
     with Runner(str(STEP_FLOW), show_output=show_output, env=env, config_value=[("config", plan.config)], **options) as runner:
         result = runner.run(context=json.dumps(ctx), tags=tags)
