@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:
         parser.error(f"subcommand {args.command!r} is not available in this build")
-    return int(func(args) or 0)
+    from srpo_core.config import ConfigError
+
+    try:
+        return int(func(args) or 0)
+    except ConfigError as exc:
+        print(f"srpo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

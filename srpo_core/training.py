@@ -165,7 +165,7 @@ def launch_step(plan: Plan, step: int, show_output: bool = True, argv: list[str]
     tags = [f"training_id:{plan.training_id}", f"method:{cfg.method.method}", f"seed:{cfg.train.seed}", f"step:{step}"]
     env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, "USERNAME": os.environ.get("USERNAME", "srpo"), **kubernetes_env(cfg)}
     start = time.perf_counter()
-    with Runner(str(STEP_FLOW), show_output=show_output, env=env, config_value=[("config", plan.config)], **options) as runner:
+    with Runner(str(STEP_FLOW), show_output=show_output, env=env, file_read_timeout=600, config_value=[("config", plan.config)], **options) as runner:
         result = runner.run(context=json.dumps(ctx), tags=tags)
         run = result.run
         if run is None or not run.successful:
