@@ -1,0 +1,291 @@
+"""vLLM rollout engine (GPUs) behind the `engine.base.RolloutEngine` interface; usable in-process
+and inside the inference server (`python -m srpo_core.server --engine vllm`).
+
+A thin layer over vLLM's offline API, written against its documented interface:
+
+  - `vllm.LLM(model, enable_prefix_caching=True, enable_lora=True, tensor_parallel_size=...,
+    logprobs_mode="processed_logprobs", ...)`, `LLM.generate(prompts, sampling_params,
+    use_tqdm=False, lora_request=...)` returning one `RequestOutput` per prompt, in order;
+  - prompts as token ids: `vllm.inputs.TokensPrompt(prompt_token_ids=[...])`;
+  - `vllm.SamplingParams(n, temperature, top_p, top_k, seed, max_tokens, stop,
+    include_stop_str_in_output=True, logprobs=0)`: `logprobs=0` returns the sampled token's
+    log-prob at each step; `prompt_logprobs=1` (teacher forcing) returns, per prompt position,
+    the given token's log-prob and the rank-1 (argmax) token;
+  - `vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)` per adapter version.
+
+Thought caps: one `generate` call per thought
+---------------------------------------------
+The paper ran vLLM one call per thought: the stop string `</thought>` ends a request, the engine
+applies the chain-end rules of `engine.base` (answer / max_thoughts / max_response /
+max_model_len; a thought cut at `max_thought_tokens` is kept and the chain goes on), and every live
+chain re-sends prompt + response for its next thought. vLLM has no per-request hook to run that
+bookkeeping mid-generation, and the rules need the decoded thought (`\\boxed{`), so thought
+boundaries are exactly where control must come back to Python. With `enable_prefix_caching=True`
+re-sending the growing context is cheap: every full KV block of prompt + earlier thoughts is a
+cache hit (generated blocks are cached too), so each call prefills only the last partial block
+(< block_size tokens) and decodes the new thought. The first thought of a request samples its `n`
+chains as one vLLM request with `n=G` (the prompt + reset prefix is prefilled once for the G
+suffixes); afterwards the chains diverge and each is its own `n=1` request, all live chains of a
+round batched into one `generate` call. The chain bookkeeping is `engine.hf._Chains`, shared with
+the Hugging Face engine, so both engines end chains by the same code.
+
+Stop strings: `include_stop_str_in_output=True` keeps `</thought>` in the thought; the token ids
+returned are taken as the response (text is re-decoded from ids, never taken from vLLM's
+detokenised text). An end-of-sequence (or generation-config stop token) ends the chain ("eos")
+and is dropped from the response, as in the HF engine.
+
+Log-probs: with `logprobs_mode="processed_logprobs"` (vLLM >= 0.10.2) the reported log-prob is of
+the distribution actually sampled from: after temperature and after top-k/top-p masking
+(renormalised over the kept tokens). With `top_p=1, top_k=0` that equals the HF engine's value
+(log-softmax of logits / T); with truncation it is larger by -log(kept mass). The paper's loss
+("pg") does not use rollout log-probs; the "clip" ablation should run with `top_p=1` on vLLM or
+recompute them. `teacher_force` uses prompt log-probs, which vLLM computes from raw logits, so only
+temperature 1.0 is supported there (the divergence localizer and the weight-sync canary use 1.0).
+
+Seeds: every vLLM request gets its own seed derived from (sampling.seed, request, chain, thought);
+vLLM gives the `n` children of a request seeds `seed + i`. Runs are reproducible for the same batch
+composition; bf16 GPU kernels are not batch-invariant, so a different batch can change samples.
+
+LoRA hot-loading: every `make_lora_request` gets a fresh integer id: vLLM caches adapters by id,
+so re-using an id for new weights would silently serve the old ones.
+
+`api=` and `llm=` let tests inject a stand-in for vLLM (tests/test_vllm.py runs this engine's
+bookkeeping on CPU against a fake `LLM` over the HF tiny model; the real-vLLM tests skip where
+vLLM is not importable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtLimits, ThoughtRequest, TokenScores
+
+INSTALL_HINT = "the vLLM engine needs the `vllm` package and a CUDA GPU: pip install -e '.[vllm]'"
+
+
+def vllm_import_error() -> str | None:
+    """None if vLLM is importable here, else the reason it is not."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # ImportError, or a CUDA/driver error raised at import
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def vllm_api() -> types.SimpleNamespace:
+    """The four vLLM names this engine uses (import-guarded)."""
+    try:
+        from vllm import LLM
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+    except Exception as exc:
+        raise ImportError(f"{INSTALL_HINT} ({type(exc).__name__}: {exc})") from exc
+    return types.SimpleNamespace(LLM=LLM, SamplingParams=VSamplingParams, TokensPrompt=TokensPrompt, LoRARequest=LoRARequest)
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_lora: bool = True
+    max_lora_rank: int = 64
+    max_loras: int = 1  # adapters batched together on the GPU (one version at a time here)
+    max_cpu_loras: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    logprobs_mode: str | None = "processed_logprobs"  # None: vLLM's default (raw, before temperature)
+    extra: dict = field(default_factory=dict)  # any other vllm.LLM / EngineArgs keyword
+
+    def llm_kwargs(self) -> dict:
+        kw: dict[str, Any] = {
+            "dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization, "enable_prefix_caching": self.enable_prefix_caching,
+            "enforce_eager": self.enforce_eager, "seed": self.seed,
+        }  # fmt: skip
+        if self.max_model_len:
+            kw["max_model_len"] = self.max_model_len
+        if self.enable_lora:
+            kw.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
+            if self.max_cpu_loras:
+                kw["max_cpu_loras"] = self.max_cpu_loras
+        if self.logprobs_mode:
+            kw["logprobs_mode"] = self.logprobs_mode
+        kw.update(self.extra)
+        return kw
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (stable across processes, unlike hash())."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 1024)  # room for vLLM's seed + child index
+
+
+class VLLMEngine(RolloutEngine):
+    def __init__(self, model_path: str | None = None, options: VLLMOptions | None = None, *, llm=None, api=None, tokenizer=None, adapter_version: str | None = None):
+        self.api = api if api is not None else vllm_api()
+        self.options = options or VLLMOptions()
+        if llm is None:
+            if model_path is None:
+                raise ValueError("VLLMEngine needs model_path (or an llm=)")
+            llm = self.api.LLM(model=model_path, **self.options.llm_kwargs())
+        self.llm = llm
+        self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
+        self.adapter_version = adapter_version
+        self.lora_request = None  # the LoRARequest every call uses (None: the base model)
+        self._next_lora_id = 1
+        self.eos_id = self.tokenizer.eos_token_id
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def make_lora_request(self, name: str, path: str):
+        """A LoRARequest with a never-reused integer id (vLLM caches adapters by id)."""
+        req = self.api.LoRARequest(name, self._next_lora_id, str(path))
+        self._next_lora_id += 1
+        return req
+
+    def use_adapter(self, lora_request, version: str | None) -> None:
+        self.lora_request, self.adapter_version = lora_request, version
+
+    def preload_adapter(self, lora_request) -> None:
+        """Load an adapter now (fail fast on a bad one) where vLLM exposes `add_lora`."""
+        add = getattr(getattr(self.llm, "llm_engine", None), "add_lora", None)
+        if add is not None:
+            add(lora_request)
+
+    def remove_adapter(self, lora_request) -> None:
+        remove = getattr(getattr(self.llm, "llm_engine", None), "remove_lora", None)
+        if remove is not None:
+            try:
+                remove(lora_request.lora_int_id)
+            except Exception:  # not loaded (never used): nothing to free
+                pass
+
+    # ---- text ----------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def encode_chat(self, text: str) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return self.encode(text)
+
+    # ---- vLLM calls ------------------------------------------------------------------------------
+    def _params(self, sampling: SamplingParams, n: int, seed: int, max_tokens: int, stop: str | None, **extra):
+        kw: dict[str, Any] = {
+            "n": n, "temperature": max(0.0, sampling.temperature), "top_p": sampling.top_p,
+            "top_k": sampling.top_k if sampling.top_k > 0 else -1, "max_tokens": max_tokens, "logprobs": 0,
+            "skip_special_tokens": True,
+        }  # fmt: skip
+        if sampling.temperature > 0:
+            kw["seed"] = seed
+        if stop:
+            kw.update(stop=[stop], include_stop_str_in_output=True)
+        kw.update(extra)
+        return self.api.SamplingParams(**kw)
+
+    def _generate(self, prompts: list[list[int]], params: list) -> list:
+        if not prompts:
+            return []
+        return self.llm.generate([self.api.TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False, lora_request=self.lora_request)
+
+    @staticmethod
+    def _tokens(comp) -> tuple[list[int], list[float], bool, object]:
+        """(token ids, sampled-token log-probs, ended by EOS/stop token, stop_reason)."""
+        toks = list(comp.token_ids)
+        lps = [float(entry[t].logprob) for t, entry in zip(toks, comp.logprobs or [])]
+        if len(lps) != len(toks):
+            raise RuntimeError(f"vLLM returned {len(toks)} tokens but {len(lps)} log-probs (is logprobs=0 honoured?)")
+        eos = comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str)
+        return toks, lps, eos, comp.stop_reason
+
+    def _drop_eos(self, toks: list[int], lps: list[float], stop_reason) -> None:
+        end_ids = {self.eos_id} | ({stop_reason} if isinstance(stop_reason, int) else set())
+        if toks and toks[-1] in end_ids:
+            toks.pop(), lps.pop()
+
+    # ---- RolloutEngine -----------------------------------------------------------------------------
+    def generate_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams) -> list[list[Rollout]]:
+        from srpo_core.engine.hf import _Chains  # the HF engine's chain-end bookkeeping (needs only .decode)
+
+        rows_req = [i for i, r in enumerate(requests) for _ in range(r.n)]
+        rows_chain = [j for r in requests for j in range(r.n)]
+        chains = _Chains(self, limits, [len(requests[i].prompt_ids) + len(requests[i].prefix_ids) for i in rows_req], [list(requests[i].prefix_ids) for i in rows_req], [list(requests[i].prefix_spans) for i in rows_req])
+        generated: list[list[int]] = [[] for _ in rows_req]
+        logprobs: list[list[float]] = [[] for _ in rows_req]
+
+        # round 0: each request's chains share prompt + prefix -> one vLLM request with n = G
+        first: dict[int, list[int]] = {}
+        for row, i in enumerate(rows_req):
+            if chains.finish[row] is None:
+                first.setdefault(i, []).append(row)
+        batches = [(list(requests[i].prompt_ids) + list(requests[i].prefix_ids), rows, derive_seed(sampling.seed, i, 0, 0)) for i, rows in first.items()]
+        thought = 0
+        while batches:
+            params = [self._params(sampling, len(rows), seed, limits.max_thought_tokens, limits.stop) for _, rows, seed in batches]
+            outs = self._generate([ctx for ctx, _, _ in batches], params)
+            for out, (_, rows, _) in zip(outs, batches):
+                comps = sorted(out.outputs, key=lambda c: c.index)
+                if len(comps) != len(rows):
+                    raise RuntimeError(f"vLLM returned {len(comps)} completions for n={len(rows)}")
+                for comp, row in zip(comps, rows):
+                    toks, lps, eos, stop_reason = self._tokens(comp)
+                    if eos:
+                        self._drop_eos(toks, lps, stop_reason)
+                    generated[row] += toks
+                    logprobs[row] += lps
+                    end = len(chains.prefixes[row]) + len(generated[row])
+                    if eos:
+                        if end > chains.thought_start[row]:
+                            chains.spans[row].append((chains.thought_start[row], end))
+                        chains.finish[row] = "eos"
+                    else:  # the stop string, or the thought cap (kept without its delimiter)
+                        chains.end_thought(row, generated[row], end)
+            thought += 1
+            batches = [
+                (list(requests[rows_req[row]].prompt_ids) + chains.prefixes[row] + generated[row], [row], derive_seed(sampling.seed, rows_req[row], rows_chain[row] + 1, thought))
+                for row in range(len(rows_req)) if chains.finish[row] is None
+            ]  # fmt: skip
+
+        out: list[list[Rollout]] = [[] for _ in requests]
+        for row, i in enumerate(rows_req):
+            req = requests[i]
+            response = list(req.prefix_ids) + generated[row]
+            spans = [tuple(s) for s in chains.spans[row]]
+            out[i].append(Rollout(prompt_ids=list(req.prompt_ids), response_ids=response, prefix_len=len(req.prefix_ids), spans=spans, logprobs=logprobs[row], thoughts=[self.decode(response[a:b]) for a, b in spans], text=self.decode(response), finish_reason=chains.finish[row], adapter_version=self.adapter_version))
+        return out
+
+    def complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams) -> list[Completion]:
+        params = [self._params(sampling, 1, derive_seed(sampling.seed, i, 0, 0), max_tokens, None) for i in range(len(prompts))]
+        out = []
+        for res in self._generate([list(p) for p in prompts], params):
+            toks, lps, eos, stop_reason = self._tokens(res.outputs[0])
+            if eos:
+                self._drop_eos(toks, lps, stop_reason)
+            out.append(Completion(ids=toks, text=self.decode(toks), logprobs=lps, finish_reason="eos" if eos else "length", adapter_version=self.adapter_version))
+        return out
+
+    def teacher_force(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[TokenScores]:
+        if abs(temperature - 1.0) > 1e-9:
+            raise NotImplementedError(f"VLLMEngine.teacher_force supports temperature 1.0 only (vLLM's prompt log-probs are computed from raw logits); got {temperature}")
+        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        params = [self.api.SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=1) for _ in seqs]
+        out = []
+        for res, p, r in zip(self._generate(seqs, params), prompts, responses):
+            plp = res.prompt_logprobs  # [None, {tok: Logprob}, ...] one entry per prompt position
+            lps, greedy = [], []
+            for pos, tok in zip(range(len(p), len(p) + len(r)), r):
+                entry = plp[pos]
+                lps.append(float(entry[tok].logprob))
+                greedy.append(next(t for t, lp in entry.items() if getattr(lp, "rank", None) == 1))
+            out.append(TokenScores(logprobs=lps, greedy_ids=greedy))
+        return out

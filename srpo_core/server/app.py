@@ -1,0 +1,636 @@
+"""The inference server: one long-lived process holds the base model and serves the rollout-engine
+interface over HTTP/JSON (wire format: `server.protocol`), with LoRA adapters hot-loaded by version.
+
+    python -m srpo_core.server --model PATH --host 127.0.0.1 --port 8000 [--engine hf|vllm]
+
+Stack: the standard library's `ThreadingHTTPServer` (no extra dependency). Model work (generation,
+scoring, adapter loads) is serialised by one lock; `/health`, `/ready` and `/adapters` never take
+it, so probes answer while a long generation runs.
+
+Adapter versions
+    `POST /adapters/load {uri, version}` fetches a PEFT adapter directory (local path, file:// or
+    s3:// through `srpo_core.store`), loads it as a named adapter and makes it the active version.
+    Versions are immutable: loading a held version again with the same content is a no-op, with
+    other content a 409. At most `--max-adapters` are held; the oldest non-active ones are unloaded.
+    The base model is always held as version `--base-version` (default "base").
+    A model call may name the version it requires (`adapter_version`): it is served by exactly that
+    adapter, selected under the model lock, or refused with 409 if the server does not hold it.
+    Null means the active version. Every result carries the version that produced it.
+
+HF engine: the base model is wrapped in a `peft.PeftModel` on the first load; each version is a
+named adapter (`load_adapter` + `set_adapter`; `delete_adapter` to unload; the base version runs
+under `disable_adapter()`). vLLM engine: each version is a `LoRARequest` with a fresh integer id.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from srpo_core.server import protocol as P
+
+log = logging.getLogger("srpo.server")
+
+MAX_BODY_BYTES = 1 << 30
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def adapter_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a PEFT adapter directory (config + weights), the same on both ends of a
+    weight sync: the learner's saved dir and the server's downloaded copy."""
+    root = Path(path)
+    h = hashlib.sha256()
+    found = False
+    for name in ADAPTER_FILES:
+        f = root / name
+        if f.is_file():
+            found = True
+            h.update(name.encode() + b"\0")
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    if not found:
+        raise FileNotFoundError(f"{root} holds no PEFT adapter ({' / '.join(ADAPTER_FILES)})")
+    return h.hexdigest()
+
+
+def fetch_adapter(uri: str, cache_dir: Path) -> tuple[Path, bool]:
+    """A local directory holding the adapter at `uri`: (path, is_temporary_copy)."""
+    if uri.startswith("s3://"):
+        from srpo_core.store import open_store
+
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        if not bucket or not prefix.strip("/"):
+            raise HTTPError(400, f"adapter uri {uri!r} must be s3://BUCKET/PREFIX")
+        dest = Path(tempfile.mkdtemp(prefix="adapter-", dir=cache_dir))
+        try:
+            open_store(f"s3://{bucket}").get_dir(prefix.strip("/"), dest)
+        except Exception:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return dest, True
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise HTTPError(400, f"unsupported adapter uri {uri!r}: use a local path, file:// or s3://")
+    path = Path(uri).expanduser()
+    if not path.is_dir():
+        raise HTTPError(400, f"adapter directory {str(path)!r} does not exist on the server")
+    return path, False
+
+
+# ---- backends ---------------------------------------------------------------------------------------
+
+class Backend(abc.ABC):
+    engine = None  # a RolloutEngine
+    keeps_adapter_files = False  # True: the adapter dir must outlive the load (vLLM reloads from disk)
+
+    @abc.abstractmethod
+    def load_adapter(self, name: str, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def delete_adapter(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def select(self, name: str | None, version: str):
+        """Context manager: run the engine with adapter `name` (None: the base model)."""
+
+    def describe(self) -> dict:
+        return {}
+
+
+class HFBackend(Backend):
+    def __init__(self, model_path: str, dtype: str | None = None, device: str | None = None, max_batch_rows: int = 256):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from srpo_core.engine.hf import HFEngine
+        from srpo_core.learner import DTYPES, load_tokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[self.dtype]).to(self.device).eval()
+        self.base = model
+        self.peft = None
+        self.engine = HFEngine(model, load_tokenizer(model_path), max_batch_rows=max_batch_rows)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=name, is_trainable=False).eval()
+            self.engine.model = self.peft
+        else:
+            try:
+                self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    self.peft.delete_adapter(name)
+                raise
+        self.peft.eval()
+
+    def delete_adapter(self, name: str) -> None:
+        if self.peft is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+
+    @contextlib.contextmanager
+    def select(self, name: str | None, version: str):
+        self.engine.adapter_version = version
+        if name is None:
+            if self.peft is None:
+                yield self.engine
+            else:
+                with self.peft.disable_adapter():
+                    yield self.engine
+        else:
+            self.peft.set_adapter(name)
+            yield self.engine
+
+    def describe(self) -> dict:
+        return {"dtype": self.dtype, "device": self.device}
+
+
+class VLLMBackend(Backend):
+    keeps_adapter_files = True
+
+    def __init__(self, model_path: str, options):
+        from srpo_core.engine.vllm import VLLMEngine
+
+        self.options = options
+        self.engine = VLLMEngine(model_path, options)
+        self.requests: dict[str, object] = {}
+
+    def load_adapter(self, name: str, path: str) -> None:
+        req = self.engine.make_lora_request(name, path)
+        self.engine.preload_adapter(req)
+        self.requests[name] = req
+
+    def delete_adapter(self, name: str) -> None:
+        req = self.requests.pop(name, None)
+        if req is not None:
+            self.engine.remove_adapter(req)
+
+    @contextlib.contextmanager
+    def select(self, name: str | None, version: str):
+        self.engine.use_adapter(self.requests[name] if name is not None else None, version)
+        yield self.engine
+
+    def describe(self) -> dict:
+        return {"dtype": self.options.dtype, "device": "cuda", "tensor_parallel_size": self.options.tensor_parallel_size}
+
+
+# ---- the model host: backend + adapter registry + version rules ------------------------------------
+
+@dataclass
+class Adapter:
+    version: str
+    name: str  # backend-internal adapter name (peft module keys cannot hold '.')
+    uri: str
+    sha256: str
+    path: str
+    temporary: bool
+    loaded_at: float
+
+    def public(self) -> dict:
+        return {"version": self.version, "uri": self.uri, "sha256": self.sha256, "loaded_at": self.loaded_at}
+
+
+class ModelHost:
+    def __init__(self, backend_factory, model_path: str, engine_kind: str = "hf", base_version: str = "base", max_adapters: int = 2, cache_dir: str | None = None):
+        self.backend_factory = backend_factory
+        self.model_path = model_path
+        self.engine_kind = engine_kind
+        self.base_version = P.check_version(base_version, "base_version")
+        if max_adapters < 1:
+            raise ValueError("max_adapters must be >= 1")
+        self.max_adapters = max_adapters
+        self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="srpo-server-"))
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.backend: Backend | None = None
+        self.load_error: str | None = None
+        self.started = time.time()
+        self.model_lock = threading.Lock()  # serialises all model work
+        self.meta_lock = threading.Lock()  # guards the registry (probes take only this one)
+        self.tok_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
+        self.adapters: OrderedDict[str, Adapter] = OrderedDict()  # load order, oldest first
+        self.active = self.base_version
+        self._counter = 0
+
+    # -- lifecycle --
+    def load_model(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            backend = self.backend_factory()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            raise
+        with self.meta_lock:
+            self.backend = backend
+        log.info("model %s loaded (%s engine) in %.1fs", self.model_path, self.engine_kind, time.perf_counter() - t0)
+
+    @property
+    def ready(self) -> bool:
+        return self.backend is not None
+
+    def close(self) -> None:
+        with self.meta_lock:
+            for a in self.adapters.values():
+                if a.temporary:
+                    shutil.rmtree(a.path, ignore_errors=True)
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+    def _require_ready(self):
+        if self.backend is None:
+            raise HTTPError(503, f"model {self.model_path} is not loaded yet" + (f" (load failed: {self.load_error})" if self.load_error else ""))
+        return self.backend
+
+    # -- state --
+    def versions(self) -> list[str]:
+        with self.meta_lock:
+            return [self.base_version, *self.adapters]
+
+    def status(self) -> dict:
+        with self.meta_lock:
+            info = {
+                "ready": self.ready, "model": self.model_path, "engine": self.engine_kind, "active": self.active,
+                "base": self.base_version, "versions": [self.base_version, *self.adapters],
+                "uptime_s": round(time.time() - self.started, 1),
+            }  # fmt: skip
+            if self.backend is not None:
+                info.update(self.backend.describe())
+            if self.load_error:
+                info["error"] = self.load_error
+            return info
+
+    def adapter_listing(self) -> dict:
+        with self.meta_lock:
+            return {"active": self.active, "base": self.base_version, "adapters": [a.public() for a in self.adapters.values()]}
+
+    # -- adapters --
+    def load_adapter(self, uri: str, version: str) -> dict:
+        backend = self._require_ready()
+        version = P.check_version(version, "version")
+        if not isinstance(uri, str) or not uri:
+            raise P.ProtocolError("uri must be a non-empty string")
+        if version == self.base_version:
+            raise HTTPError(409, f"version {version!r} names the base model; pick another adapter version")
+        t0 = time.perf_counter()
+        path, temporary = fetch_adapter(uri, self.cache_dir)  # network I/O outside the model lock
+        registered = False
+        try:
+            try:
+                sha = adapter_sha256(path)
+            except FileNotFoundError as exc:
+                raise HTTPError(400, f"adapter uri {uri!r}: {exc}") from None
+            with self.model_lock:
+                with self.meta_lock:
+                    held = self.adapters.get(version)
+                if held is not None:
+                    if held.sha256 != sha:
+                        raise HTTPError(409, f"version {version!r} is already held with other weights (sha256 {held.sha256[:12]} from {held.uri}, now {sha[:12]} from {uri}); versions are immutable, load under a new version")
+                    if temporary:
+                        shutil.rmtree(path, ignore_errors=True)
+                    with self.meta_lock:
+                        self.active = version
+                    return {"version": version, "sha256": sha, "uri": held.uri, "evicted": [], "active": version, "already_loaded": True}
+                self._counter += 1
+                name = f"a{self._counter}"
+                backend.load_adapter(name, str(path))
+                if temporary and not backend.keeps_adapter_files:
+                    shutil.rmtree(path, ignore_errors=True)
+                adapter = Adapter(version, name, uri, sha, str(path), temporary, time.time())
+                with self.meta_lock:
+                    self.adapters[version] = adapter
+                    self.active = version
+                registered = True
+                evicted = self._evict(backend)
+        except BaseException:
+            if temporary and not registered:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        log.info("adapter %s loaded from %s (sha256 %s) in %.2fs; holding %s", version, uri, sha[:12], time.perf_counter() - t0, self.versions())
+        return {"version": version, "sha256": sha, "uri": uri, "evicted": evicted, "active": version, "already_loaded": False}
+
+    def _evict(self, backend: Backend) -> list[str]:
+        """Unload the oldest non-active adapters beyond max_adapters (caller holds model_lock)."""
+        evicted = []
+        while len(self.adapters) > self.max_adapters:
+            victim = next(v for v in self.adapters if v != self.active)
+            self._unload(backend, victim)
+            evicted.append(victim)
+        return evicted
+
+    def _unload(self, backend: Backend, version: str) -> None:
+        with self.meta_lock:
+            adapter = self.adapters.pop(version)
+            if self.active == version:
+                self.active = next(reversed(self.adapters), self.base_version)
+        backend.delete_adapter(adapter.name)
+        if adapter.temporary:
+            shutil.rmtree(adapter.path, ignore_errors=True)
+
+    def unload_adapter(self, version: str) -> dict:
+        backend = self._require_ready()
+        version = P.check_version(version, "version")
+        with self.model_lock:
+            if version not in self.adapters:
+                raise HTTPError(404, f"adapter version {version!r} is not held (holding {self.versions()})")
+            self._unload(backend, version)
+        return {"unloaded": version, "active": self.active}
+
+    # -- model calls --
+    def tokenize(self, fn):
+        """fn(engine) for tokenizer-only work: not behind the model lock (a tokenizer lock instead)."""
+        backend = self._require_ready()
+        with self.tok_lock:
+            return fn(backend.engine)
+
+    def run(self, version, fn):
+        """fn(engine) under the model lock with exactly `version` selected (None: the active one)."""
+        backend = self._require_ready()
+        if version is not None:
+            P.check_version(version)
+        with self.model_lock:
+            with self.meta_lock:
+                want = self.active if version is None else version
+                if want == self.base_version:
+                    name = None
+                elif want in self.adapters:
+                    name = self.adapters[want].name
+                else:
+                    raise HTTPError(409, f"adapter version {want!r} is not held by this server (holding {[self.base_version, *self.adapters]}, active {self.active!r}); load it with POST /adapters/load first")
+            with backend.select(name, want) as engine:
+                return want, fn(engine)
+
+
+# ---- HTTP -------------------------------------------------------------------------------------------
+
+def error_status(exc: Exception) -> int:
+    """HTTP status of an unexpected exception: store errors are the caller's URI or the store."""
+    from srpo_core import store
+
+    if isinstance(exc, store.StoreUnreachableError):
+        return 502
+    if isinstance(exc, (store.KeyNotFoundError, store.InvalidKeyError)):
+        return 400
+    if isinstance(exc, NotImplementedError):
+        return 501
+    return 500
+
+
+def make_handler(host: ModelHost):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "srpo-inference/1"
+
+        def log_message(self, fmt, *args):  # route http.server's access log through logging
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> dict:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                raise HTTPError(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
+            raw = self.rfile.read(length) if length else b"{}"
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise HTTPError(400, f"request body is not JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise HTTPError(400, "request body must be a JSON object")
+            return body
+
+        def _dispatch(self, method: str) -> None:
+            t0 = time.perf_counter()
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            status, body = 200, {}
+            try:
+                if method == "POST":
+                    payload = self._body()
+                route = ROUTES.get((method, path))
+                if route is None:
+                    known = sorted({p for _, p in ROUTES})
+                    raise HTTPError(404 if path not in known else 405, f"no route {method} {path} (routes: {', '.join(known)})")
+                status, body = route(payload) if method == "POST" else route()
+            except HTTPError as exc:
+                status, body = exc.status, {"error": str(exc)}
+            except P.ProtocolError as exc:
+                status, body = 400, {"error": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - a server must answer, not die
+                status, body = error_status(exc), {"error": f"{type(exc).__name__}: {exc}"}
+                if status == 500:
+                    log.error("%s %s failed:\n%s", method, path, traceback.format_exc())
+            self._send(status, body)
+            level = logging.INFO if path not in ("/health", "/ready") else logging.DEBUG
+            log.log(level, "%s %s -> %d (%.3fs)%s", method, path, status, time.perf_counter() - t0, f" [{body.get('adapter_version')}]" if isinstance(body, dict) and body.get("adapter_version") else "")
+
+        def do_GET(self):
+            self._dispatch("GET")
+
+        def do_POST(self):
+            self._dispatch("POST")
+
+    def health():
+        return 200, {"status": "alive"}
+
+    def ready():
+        info = host.status()
+        if not info["ready"]:
+            info.setdefault("error", f"model {host.model_path} is not loaded yet")
+        return (200 if info["ready"] else 503), info
+
+    def adapters():
+        host._require_ready()
+        return 200, host.adapter_listing()
+
+    def load(b):
+        return 200, host.load_adapter(b.get("uri"), b.get("version"))
+
+    def unload(b):
+        return 200, host.unload_adapter(b.get("version"))
+
+    def encode(b):
+        texts = P.texts(b.get("texts"))
+        return 200, {"ids": host.tokenize(lambda e: [e.encode(t) for t in texts])}
+
+    def encode_chat(b):
+        texts = P.texts(b.get("texts"))
+        return 200, {"ids": host.tokenize(lambda e: [e.encode_chat(t) for t in texts])}
+
+    def decode(b):
+        ids = P.id_lists(b.get("ids"), "ids")
+        return 200, {"texts": host.tokenize(lambda e: [e.decode(i) for i in ids])}
+
+    def generate_thoughts(b):
+        reqs = b.get("requests")
+        if not isinstance(reqs, list):
+            raise P.ProtocolError("requests must be a list")
+        reqs = [P.request_from_json(r, i) for i, r in enumerate(reqs)]
+        limits, sampling = P.limits_from_json(b.get("limits", {})), P.sampling_from_json(b.get("sampling", {}))
+        version, groups = host.run(b.get("adapter_version"), lambda e: e.generate_thoughts(reqs, limits, sampling))
+        return 200, {"adapter_version": version, "results": [[P.rollout_to_json(r) for r in g] for g in groups]}
+
+    def complete(b):
+        prompts = P.id_lists(b.get("prompts"), "prompts")
+        max_tokens = b.get("max_tokens")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise P.ProtocolError("max_tokens must be an integer >= 1")
+        sampling = P.sampling_from_json(b.get("sampling", {}))
+        version, comps = host.run(b.get("adapter_version"), lambda e: e.complete(prompts, max_tokens, sampling))
+        return 200, {"adapter_version": version, "results": [P.completion_to_json(c) for c in comps]}
+
+    def teacher_force(b):
+        prompts, responses = P.id_lists(b.get("prompts"), "prompts"), P.id_lists(b.get("responses"), "responses")
+        if len(prompts) != len(responses):
+            raise P.ProtocolError(f"{len(prompts)} prompts but {len(responses)} responses")
+        temperature = b.get("temperature", 1.0)
+        if not isinstance(temperature, (int, float)):
+            raise P.ProtocolError("temperature must be a number")
+        version, scores = host.run(b.get("adapter_version"), lambda e: e.teacher_force(prompts, responses, float(temperature)))
+        return 200, {"adapter_version": version, "results": [P.scores_to_json(s) for s in scores]}
+
+    ROUTES = {
+        ("GET", "/health"): health, ("GET", "/ready"): ready, ("GET", "/adapters"): adapters,
+        ("POST", "/adapters/load"): load, ("POST", "/adapters/unload"): unload,
+        ("POST", "/encode"): encode, ("POST", "/encode_chat"): encode_chat, ("POST", "/decode"): decode,
+        ("POST", "/generate_thoughts"): generate_thoughts, ("POST", "/complete"): complete, ("POST", "/teacher_force"): teacher_force,
+    }  # fmt: skip
+    return Handler
+
+
+class InferenceServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: ModelHost, address: tuple[str, int]):
+        super().__init__(address, make_handler(host))
+        self.host = host
+
+    @property
+    def url(self) -> str:
+        h, p = self.server_address[:2]
+        return f"http://{h}:{p}"
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m srpo_core.server", description="SRPO inference server: the rollout-engine interface over HTTP with LoRA hot-loading")
+    p.add_argument("--model", required=True, help="base model: a path, a Hugging Face id or builtin:NAME")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (see --port-file)")
+    p.add_argument("--port-file", help="write the bound port here once listening")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--device", help="hf engine: cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--max-batch-rows", type=int, default=256, help="hf engine: rows decoded together")
+    p.add_argument("--base-version", default="base", help="the version name of the bare base model")
+    p.add_argument("--max-adapters", type=int, default=2, help="adapters held at once (oldest non-active unloaded)")
+    p.add_argument("--adapter", action="append", default=[], metavar="VERSION=URI", help="load at start (repeatable; the last is active)")
+    p.add_argument("--cache-dir", help="where downloaded adapters go (default: a temp dir)")
+    p.add_argument("--log-level", default=os.environ.get("SRPO_SERVER_LOG_LEVEL", "INFO"))
+    g = p.add_argument_group("vllm engine")
+    g.add_argument("--tensor-parallel-size", type=int, default=1)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--max-lora-rank", type=int, default=64)
+    g.add_argument("--max-loras", type=int, default=1)
+    g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def backend_factory(args: argparse.Namespace, model_path: str):
+    if args.engine == "vllm":
+        from srpo_core.engine.vllm import VLLMOptions
+
+        opts = VLLMOptions(dtype=args.dtype or "bfloat16", tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, enforce_eager=args.enforce_eager, seed=args.seed)
+        return lambda: VLLMBackend(model_path, opts)
+    return lambda: HFBackend(model_path, dtype=args.dtype, device=args.device, max_batch_rows=args.max_batch_rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model_path = args.model
+    if model_path.startswith("builtin:"):
+        from srpo_core.tiny.build import resolve_model_path
+
+        model_path = resolve_model_path(model_path)
+    preload = []
+    for spec in args.adapter:
+        version, sep, uri = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--adapter expects VERSION=URI, got {spec!r}")
+        preload.append((P.check_version(version, "--adapter version"), uri))
+
+    host = ModelHost(backend_factory(args, model_path), model_path, args.engine, args.base_version, args.max_adapters, args.cache_dir)
+    server = InferenceServer(host, (args.host, args.port))
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(server.server_address[1]))
+        tmp.replace(args.port_file)
+    log.info("listening on %s (model %s, engine %s); /ready once the model is loaded", server.url, model_path, args.engine)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+
+    stop = threading.Event()
+    exit_code = [0]
+
+    def on_signal(signum, frame):
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def load():
+        try:
+            host.load_model()
+            for version, uri in preload:
+                host.load_adapter(uri, version)
+        except BaseException as exc:  # noqa: BLE001
+            log.error("startup failed: %s\n%s", exc, traceback.format_exc())
+            exit_code[0] = 1
+            stop.set()
+
+    threading.Thread(target=load, name="load", daemon=True).start()
+    while not stop.wait(0.5):
+        pass
+    server.shutdown()
+    server.server_close()
+    host.close()
+    return exit_code[0]
