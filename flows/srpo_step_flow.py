@@ -28,7 +28,7 @@ class SRPOStepFlow(FlowSpec):
     """
 
     config = Config("config", default=default_config_path, parser=parse_config)
-    context = Parameter("context", required=True, help="JSON: training_id, step, artifact_root, parent_step, total_steps")
+    context = Parameter("context", required=True, help="JSON: training_id, step, artifact_root, parent_step, total_steps, server_url")
 
     @step
     def start(self):
@@ -36,7 +36,7 @@ class SRPOStepFlow(FlowSpec):
 
         self.t0 = time.time()
         c = json.loads(self.context)
-        self.ctx = StepContext(self.config.to_dict(), c["training_id"], int(c["step"]), current.run_id, c["artifact_root"], c["parent_step"])
+        self.ctx = StepContext(self.config.to_dict(), c["training_id"], int(c["step"]), current.run_id, c["artifact_root"], c["parent_step"], c.get("server_url", ""))
         self.total_steps = int(c["total_steps"])
         self.shards = list(enumerate(plan_shards(self.ctx, int(self.config.resources.shards))))
         self.next(self.generate, foreach="shards")

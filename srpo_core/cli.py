@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "srpo_core.train",
     "build-tiny": "srpo_core.tiny.build",
     "score": "srpo_core.benchmarks.score",
+    "compare": "srpo_core.compare",
     "theory": "srpo_core.theory.cli",
 }
 

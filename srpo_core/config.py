@@ -43,8 +43,10 @@ class ModelConfig:
     max_model_len: int = 32768
     chat_template_for_localization: bool = True
     trust_remote_code: bool = False
+    threads: int = 0  # torch CPU threads per process (0: torch's default); 1 suits tiny models
 
     def __post_init__(self):
+        _require(self.threads >= 0, "model.threads", "must be >= 0")
         _require(bool(self.name_or_path), "model.name_or_path", "must be a Hugging Face id, a path or builtin:NAME")
         _require(self.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", "float32|bfloat16|float16|auto")
         _require(self.max_model_len > 0, "model.max_model_len", "must be > 0")
@@ -62,6 +64,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = no top-k
     stop: str = "</thought>"
     engine: str = "hf"  # "hf" | "vllm"
+    server_url: str = ""  # "": each phase step loads the model; "auto": the training starts a local server per epoch step; else the URL of a running server
 
     def __post_init__(self):
         for name in ("max_thoughts", "max_thought_tokens", "max_response_tokens", "max_prompt_tokens"):
@@ -72,6 +75,7 @@ class RolloutConfig:
         _require(self.top_k >= 0, "rollout.top_k", "must be >= 0")
         _require(bool(self.stop), "rollout.stop", "must be a non-empty stop string")
         _require(self.engine in ("hf", "vllm"), "rollout.engine", "hf|vllm")
+        _require(self.server_url in ("", "auto") or self.server_url.startswith(("http://", "https://")), "rollout.server_url", "empty, 'auto' or an http(s):// URL")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ class StepContext:
     run_id: str  # the workflow run of this epoch step (scopes its work keys)
     artifact_root: str
     parent_step: int | None  # the checkpoint this step starts from (None: the base model)
+    server_url: str = ""  # an inference server holding the base model (empty: load it in-process)
 
     @property
     def cfg(self) -> Config:
@@ -150,30 +151,47 @@ def download_checkpoint(ctx: StepContext, step: int, dest: Path) -> Path:
     return dest
 
 
+def adapter_version(step: int | None) -> str:
+    """The name of the policy after checkpoint `step` (`base` before any update)."""
+    return "base" if step is None else f"step-{step + 1}"
+
+
+def adapter_uri(ctx: StepContext, step: int) -> str:
+    return f"{open_root(ctx).uri.rstrip('/')}/{S.step_prefix(ctx.training_id, step)}/adapter"
+
+
 def load_engine(ctx: StepContext, step: int | None = None, adapter_dir: Path | None = None):
-    """The policy of checkpoint `step` (default: the parent) behind the engine interface."""
+    """The policy of checkpoint `step` (default: the parent) behind the engine interface: an
+    inference server pinned to that adapter version, or the model loaded in this process."""
+    step = ctx.parent_step if step is None else step
+    if ctx.server_url:
+        from srpo_core.engine.remote import RemoteEngine
+
+        engine = RemoteEngine(ctx.server_url)
+        engine.check_ready()
+        if step is not None:
+            engine.load_adapter(adapter_uri(ctx, step), adapter_version(step))
+        return RemoteEngine(ctx.server_url, adapter_version=adapter_version(step))
     import torch
     from transformers import AutoModelForCausalLM
 
     from srpo_core.engine.hf import HFEngine
     from srpo_core.learner import DTYPES, load_tokenizer
-    from srpo_core.train import resolve_model_path
+    from srpo_core.train import resolve_model_path, set_threads
 
     cfg = ctx.cfg
-    step = ctx.parent_step if step is None else step
+    set_threads(cfg)
     path = resolve_model_path(cfg.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
     if torch.cuda.is_available():
         model = model.cuda()
-    version = "base"
     if step is not None:
         from peft import PeftModel
 
         tmp = adapter_dir or Path(tempfile.mkdtemp(prefix="srpo-ckpt-"))
         download_checkpoint(ctx, step, tmp)
         model = PeftModel.from_pretrained(model, str(tmp / "adapter"))
-        version = f"step-{step + 1}"
-    return HFEngine(model.eval(), load_tokenizer(path), adapter_version=version)
+    return HFEngine(model.eval(), load_tokenizer(path), adapter_version=adapter_version(step))
 
 
 def items_by_id(cfg: Config, ids: list[str]) -> list[TaskItem]:
@@ -273,9 +291,10 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
     import torch
 
     from srpo_core.learner import Learner
-    from srpo_core.train import resolve_model_path
+    from srpo_core.train import resolve_model_path, set_threads
 
     cfg = ctx.cfg
+    set_threads(cfg)
     store = open_root(ctx)
     shards = [_get(ctx, k) for k in shard_keys]
     records = [_record_from_dict(d) for sh in shards for d in sh.records]
@@ -305,10 +324,26 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
         parent_key = S.step_prefix(ctx.training_id, ctx.parent_step) if ctx.parent_step is not None else None
         manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=ctx.config, parent_key=parent_key, data_cursor=data_cursor(cfg, ctx.step))
+        if ctx.server_url:  # hot-load the new adapter and check the server samples from it
+            metrics.update(sync_server(ctx, learner, out / "adapter"))
         S.set_latest_step(store, ctx.training_id, ctx.step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return StepOutcome(ctx.step, S.step_prefix(ctx.training_id, ctx.step), metrics, S.sha256_bytes(manifest.to_json().encode()))
+
+
+def sync_server(ctx: StepContext, learner, adapter_dir: Path) -> dict[str, float]:
+    """Load this step's adapter into the inference server, then the weight-sync canary: the
+    server's log-probs of a fixed sequence must match the learner's (else StaleAdapterError)."""
+    from srpo_core.engine.remote import RemoteEngine
+    from srpo_core.server.app import adapter_sha256
+    from srpo_core.server.canary import canary_check
+
+    version = adapter_version(ctx.step)
+    server = RemoteEngine(ctx.server_url)
+    server.load_adapter(adapter_uri(ctx, ctx.step), version)
+    result = canary_check(server, learner, version, expected_sha256=adapter_sha256(adapter_dir))
+    return {"canary/max_abs_diff": float(result.max_abs_diff), "canary/mean_abs_diff": float(result.mean_abs_diff)}
 
 
 def eval_due(cfg: Config, step: int, total_steps: int) -> bool:

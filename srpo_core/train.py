@@ -38,6 +38,13 @@ class Session:
     task: object
 
 
+def set_threads(cfg: Config) -> None:
+    import torch
+
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+
+
 def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
     import torch
 
@@ -45,6 +52,7 @@ def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
     from srpo_core.learner import Learner
     from srpo_core.tasks import get_task
 
+    set_threads(cfg)
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     path = resolve_model_path(cfg.model.name_or_path)

@@ -9,7 +9,8 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -86,6 +87,10 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
     store = S.open_store()
     store.check_reachable()
     uri = tracking.check_tracking_reachable()
+    if cfg.rollout.server_url not in ("", "auto"):
+        from srpo_core.engine.remote import RemoteEngine
+
+        RemoteEngine(cfg.rollout.server_url).check_ready()  # fails fast, naming the URL
     tid = training_id or new_training_id(cfg)
     last = epoch.resume_point(store, tid)
     resumed = last is not None
@@ -157,22 +162,53 @@ class StepReport:
 
 def launch_step(plan: Plan, step: int, show_output: bool = True, argv: list[str] | None = None) -> StepReport:
     """Run epoch step `step` as its own Metaflow run (SRPOStepFlow) and wait for it."""
-    from metaflow import Runner
-
     cfg = from_dict(plan.config)
     options = inherited_options(sys.argv if argv is None else argv)
     ctx = {"training_id": plan.training_id, "step": step, "artifact_root": plan.artifact_root, "parent_step": step - 1 if step > 0 else None, "total_steps": plan.total_steps}
     tags = [f"training_id:{plan.training_id}", f"method:{cfg.method.method}", f"seed:{cfg.train.seed}", f"step:{step}"]
     env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, "USERNAME": os.environ.get("USERNAME", "srpo"), **kubernetes_env(cfg)}
     start = time.perf_counter()
+    with inference_server(cfg) as url:
+        ctx["server_url"] = url
+        return _run_step(plan, step, ctx, tags, env, options, show_output, start)
+
+
+@contextmanager
+def inference_server(cfg: Config):
+    """The server the phase steps call: none (""), a local one for this epoch step ("auto"),
+    or the configured URL."""
+    if cfg.rollout.server_url != "auto":
+        yield cfg.rollout.server_url
+        return
+    from srpo_core.server.launch import start_server
+    from srpo_core.train import resolve_model_path
+
+    with start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None) as handle:
+        yield handle.url
+
+
+def _run_step(plan: Plan, step: int, ctx: dict, tags: list[str], env: dict, options: dict, show_output: bool, start: float) -> "StepReport":
+    from metaflow import Runner
+
     with Runner(str(STEP_FLOW), show_output=show_output, env=env, file_read_timeout=600, config_value=[("config", plan.config)], **options) as runner:
         result = runner.run(context=json.dumps(ctx), tags=tags)
         run = result.run
         if run is None or not run.successful:
-            raise RuntimeError(f"epoch step {step} of {plan.training_id} failed: Metaflow run {getattr(run, 'pathspec', '?')} (status {result.status}); see its logs with `python {STEP_FLOW} logs {getattr(run, 'pathspec', '')}/learner`")
+            raise RuntimeError(f"epoch step {step} of {plan.training_id} failed: Metaflow run {getattr(run, 'pathspec', '?')} (status {result.status})\n{failure_report(run, result)}")
         end = run["end"].task.data
         report = StepReport(step, run.pathspec, dict(end.metrics), dict(end.evaluations), time.perf_counter() - start, float(end.phase_seconds))
     return report
+
+
+def failure_report(run, result) -> str:
+    """The failed tasks of an epoch-step run with the tail of their stderr."""
+    lines = []
+    for stp in run or []:
+        for task in stp:
+            if not task.successful:
+                lines.append(f"--- {task.pathspec} (python {STEP_FLOW} logs {task.pathspec}) ---")
+                lines.append("\n".join(task.stderr.splitlines()[-25:]))
+    return "\n".join(lines) if lines else result.stderr[-3000:]
 
 
 def log_report(plan: Plan, report: StepReport) -> None:

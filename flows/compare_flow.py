@@ -1,0 +1,93 @@
+"""Compare GRPO, RRPO and SRPO across seeds as a Metaflow fan-out: one `train` task per
+(method, split, localizer, seed), in parallel, then the paper's tables in `join`.
+
+    python flows/compare_flow.py run --seeds 0,1 --benchmarks commonsenseqa --eval-items 50
+    SRPO_CONFIG=paper python flows/compare_flow.py run --with kubernetes --max-workers 9
+    python flows/compare_flow.py run --methods srpo --localizers self,oracle,divergence
+
+`srpo compare` runs the same trainings one after another in one process; both call
+srpo_core.compare.run_training per training and finish_comparison at the end, so the tables,
+the learning-curve PNG and the MLflow parent/child runs are the same.
+"""
+
+from metaflow import Config, FlowSpec, Parameter, current, resources, step
+
+from srpo_core.training import default_config_path, parse_config
+
+
+def _list(text: str) -> list[str]:
+    return [x for x in text.replace(",", " ").split() if x]
+
+
+class CompareFlow(FlowSpec):
+    """Steps:
+
+    start  resolve the config and flags, plan the trainings, open the MLflow parent run (foreach)
+    train  one training: the plain loop with evaluations at steps, a nested MLflow child run  [GPU]
+    join   gather the results; tables (paper 3, 7/8), learning curves, logged to the parent run
+    end    where to look
+    """
+
+    config = Config("config", default=default_config_path, parser=parse_config)
+    methods = Parameter("methods", default="grpo,rrpo,srpo", help="comma-separated methods")
+    seeds = Parameter("seeds", default="0,42,420", help="comma-separated training seeds")
+    splits = Parameter("splits", default="", help="comma-separated splits for rrpo/srpo (default: the config's)")
+    localizers = Parameter("localizers", default="", help="comma-separated srpo localizers (default: the config's, else self)")
+    steps = Parameter("steps", default=0, type=int, help="training steps per run (0: the config's)")
+    benchmarks = Parameter("benchmarks", default="", help="extra benchmarks besides eval.benchmarks, NAME or NAME:N (N items)")
+    eval_items = Parameter("eval-items", default=0, type=int, help="items per benchmark (0: the config's)")
+    eval_every = Parameter("eval-every", default=-1, type=int, help="evaluate every K steps (-1: the config's)")
+    overrides = Parameter("set", default="", help="space-separated key=value config overrides")
+    out = Parameter("out", default="runs/compare", help="output directory of the tables (on the join's machine)")
+    experiment = Parameter("experiment", default="srpo-compare", help="MLflow experiment")
+    no_mlflow = Parameter("no-mlflow", default=False, type=bool, help="write the files only")
+
+    @step
+    def start(self):
+        from dataclasses import asdict
+
+        from srpo_core import compare, tracking
+        from srpo_core.training import apply_overrides
+
+        cfg = apply_overrides(self.config.to_dict(), "", "", "", -1, self.overrides, 0)
+        plan = compare.plan_comparison(
+            cfg, methods=_list(self.methods), splits=_list(self.splits) or None, localizers=_list(self.localizers) or None,
+            seeds=[int(s) for s in _list(self.seeds)], steps=self.steps or None, benchmarks=_list(self.benchmarks),
+            eval_items=self.eval_items or None, eval_every=None if self.eval_every < 0 else self.eval_every,
+            out_dir=self.out, progress=False, comparison_id=f"cmp-mf{current.run_id}",
+        )  # fmt: skip
+        if not self.no_mlflow:
+            plan = compare.open_parent_run(plan, self.experiment, tracking.resolve_tracking_uri())
+        self.plan = asdict(plan)
+        self.specs = self.plan["specs"]
+        print(f"comparison {plan.comparison_id}: {len(self.specs)} trainings ({', '.join(plan.labels)}), benchmarks {', '.join(plan.benchmarks)}")
+        self.next(self.train, foreach="specs")
+
+    @resources(cpu=config.resources.learner.cpu, gpu=config.resources.learner.gpu, memory=config.resources.learner.memory)
+    @step
+    def train(self):
+        from srpo_core.compare import run_training
+
+        self.result = run_training(self.input).to_dict()
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        from srpo_core.compare import finish_comparison
+
+        self.plan = inputs[0].plan
+        self.results = [i.result for i in inputs]
+        out = finish_comparison(self.plan, self.results)
+        self.results_md = out.results_md.read_text()
+        self.efficiency_md = out.efficiency_md.read_text()
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print(self.results_md)
+        print(self.efficiency_md)
+        print(f"files in {self.plan['out_dir']}; MLflow parent run {self.plan['parent_run_id']}")
+
+
+if __name__ == "__main__":
+    CompareFlow()

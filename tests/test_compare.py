@@ -1,0 +1,210 @@
+"""`srpo compare`: the table logic by hand, then a reduced real comparison (3 methods x 2 seeds x
+2 steps of the tiny preset) against a real `mlflow server`, checked from the child runs."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import statistics
+
+import pytest
+
+from srpo_core import compare as C
+
+# ---- table logic, hand-computed ----------------------------------------------------------------------
+
+
+def test_mean_sd_is_the_sample_sd():
+    assert C.mean_sd([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
+    assert C.mean_sd([0.3]) == (0.3, None)
+    m, sd = C.mean_sd([])
+    assert math.isnan(m) and sd is None
+
+
+def hand_table():
+    rows = {
+        "GRPO": {"commonsenseqa": [0.5, 0.7], "synthetic": [0.2, 0.2]},
+        "RRPO": {"commonsenseqa": [0.4, 0.4], "synthetic": [0.3, 0.1]},
+        "SRPO": {"commonsenseqa": [0.6, 0.6], "synthetic": [0.1, 0.5]},
+    }
+    return C.ResultsTable(["synthetic", "commonsenseqa"], rows, base={"synthetic": 0.15, "commonsenseqa": 0.0})
+
+
+def test_results_table_markdown_by_hand():
+    t = hand_table()
+    # synthetic: GRPO 20.0±0.0, RRPO 20.0±14.1, SRPO 30.0±28.3 -> SRPO best
+    # csqa:      GRPO 60.0±14.1, RRPO 40.0±0.0, SRPO 60.0±0.0 -> GRPO and SRPO tie, both bold
+    assert t.best("synthetic") == {"SRPO"} and t.best("commonsenseqa") == {"GRPO", "SRPO"}
+    lines = t.markdown().splitlines()
+    assert lines[:6] == [
+        "| Method | synth | csqa |",
+        "|---|---:|---:|",
+        "| Base | 15.0 | 0.0 |",
+        "| GRPO | 20.0 ± 0.0 | **60.0 ± 14.1** |",
+        "| RRPO | 20.0 ± 14.1 | 40.0 ± 0.0 |",
+        "| SRPO | **30.0 ± 28.3** | **60.0 ± 0.0** |",
+    ]
+    assert "2 seeds" in t.markdown() and "csqa = commonsenseqa" in t.markdown()
+
+
+def test_results_table_csv_by_hand():
+    rows = list(csv.DictReader(io.StringIO(hand_table().csv())))
+    assert [r["method"] for r in rows] == ["Base", "GRPO", "RRPO", "SRPO"]
+    srpo = rows[3]
+    assert float(srpo["synthetic_mean"]) == pytest.approx(30.0)
+    assert float(srpo["synthetic_sd"]) == pytest.approx(100 * math.sqrt(0.08), rel=1e-5)
+    assert (srpo["synthetic_best"], rows[1]["synthetic_best"], rows[2]["commonsenseqa_best"]) == ("1", "0", "0")
+    assert rows[0]["synthetic_mean"] == "15" and rows[0]["synthetic_sd"] == "" and rows[1]["seeds"] == "2"
+
+
+def test_one_seed_has_no_sd_and_nan_is_never_best():
+    t = C.ResultsTable(["a"], {"GRPO": {"a": [0.25]}, "SRPO": {"a": []}})
+    assert t.markdown().splitlines()[2:4] == ["| GRPO | **25.0** |", "| SRPO | – |"]
+    assert "1 seed " in t.markdown()
+
+
+def test_efficiency_table_by_hand():
+    rows = {
+        "GRPO": {"train_h": [1.0, 3.0], "gen_h": [1.0, 1.0], "val_h": [0.5, 0.5], "total_h": [1.5, 3.5], "tokens": [2e6, 4e6], "resp_mean": [100, 100], "gen_tok_s": [800, 1200]},
+        "SRPO": {"train_h": [3.0, 3.0], "gen_h": [1.5, 1.5], "val_h": [0.5, 0.5], "total_h": [3.5, 3.5], "tokens": [3.3e6, 3.3e6], "resp_mean": [110, 110], "gen_tok_s": [600, 600]},
+    }
+    t = C.EfficiencyTable(rows)
+    assert t.normalised("SRPO", "train_h") == pytest.approx(1.5) and t.normalised("SRPO", "tokens") == pytest.approx(1.1)
+    assert all(t.normalised("GRPO", c) == 1.0 for c in C.EFFICIENCY_COLUMNS)
+    md = t.markdown().splitlines()
+    assert "| GRPO | 2 | 1 | 0.5 | 2.5 | 3.00 M | 100 | 1000 |" in md
+    assert "| SRPO | 1.50 | 1.50 | 1.00 | 1.40 | 1.10 | 1.10 | 0.60 |" in md
+    got = {r["method"]: r for r in csv.DictReader(io.StringIO(t.csv()))}
+    assert got["GRPO"]["train_h_vs_grpo"] == "1" and float(got["SRPO"]["gen_tok_s_vs_grpo"]) == pytest.approx(0.6)
+    alone = C.EfficiencyTable({"SRPO": rows["SRPO"]}, reference=None)
+    assert "nothing to normalise to" in alone.markdown() and "vs_" not in alone.csv()
+
+
+def test_variants_labels_and_schedule():
+    vs = C.make_variants(["grpo", "rrpo", "srpo"], ["1x4"], ["self"])
+    assert [C.variant_labels(vs)[v] for v in vs] == ["GRPO", "RRPO", "SRPO"]
+    vs = C.make_variants(["grpo", "srpo"], ["1x4", "2x4"], ["self", "oracle"])
+    assert [C.variant_labels(vs)[v] for v in vs] == ["GRPO", "SRPO (1×4, self)", "SRPO (1×4, oracle)", "SRPO (2×4, self)", "SRPO (2×4, oracle)"]
+    with pytest.raises(ValueError, match="random resets are rrpo"):
+        C.make_variants(["srpo"], ["1x4"], ["random"])
+    assert C.eval_schedule(5, 0) == [0, 5] and C.eval_schedule(5, 2) == [0, 2, 4, 5] and C.eval_schedule(0, 3) == [0]
+
+
+# ---- a reduced real comparison -----------------------------------------------------------------------
+
+SEEDS = (0, 1)
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def comparison(mlflow_server, tiny_model_path, tmp_path_factory):
+    import torch
+
+    out = tmp_path_factory.mktemp("compare")
+    parser = argparse.ArgumentParser()
+    C.register(parser.add_subparsers())
+    args = parser.parse_args([
+        "compare", "--config", "tiny", "--seeds", *map(str, SEEDS), "--steps", str(STEPS),
+        "--benchmarks", "commonsenseqa:12", "--eval-every", "1",
+        "--set", f"model.name_or_path={tiny_model_path}", "train.prompts_per_step=8", "train.mini_batch_prompts=8",
+        "data.train_size=16", "eval.items_per_benchmark=30",
+        "--out", str(out), "--tracking-uri", mlflow_server, "--experiment", "compare-test", "--quiet",
+    ])  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # fastest for the tiny model on a shared machine
+    try:
+        assert args.func(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out, mlflow_server
+
+
+def runs_of(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("compare-test")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("kind") == "comparison"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+def test_mlflow_parent_and_children(comparison):
+    out, uri = comparison
+    client, parent, children = runs_of(uri)
+    cid = parent.data.tags["comparison_id"]
+    assert parent.info.status == "FINISHED" and len(children) == 6
+    assert sorted((c.data.tags["method"], c.data.tags["seed"]) for c in children) == sorted((m, str(s)) for m in ("grpo", "rrpo", "srpo") for s in SEEDS)
+    for c in children:
+        t = c.data.tags
+        assert c.info.status == "FINISHED" and t["comparison_id"] == cid and t["training_id"].startswith(cid)
+        assert (t["split"], t["localizer"]) == {"grpo": ("none", "none"), "rrpo": ("1x4", "random"), "srpo": ("1x4", "self")}[t["method"]]
+        assert c.data.params["method.method"] == t["method"] and c.data.params["train.seed"] == t["seed"]
+        for b in ("synthetic", "commonsenseqa"):
+            hist = client.get_metric_history(c.info.run_id, f"eval/{b}/accuracy")
+            assert sorted(m.step for m in hist) == list(range(STEPS + 1))
+        assert c.data.metrics["eval/commonsenseqa/n"] == 12 and c.data.metrics["eval/synthetic/n"] == 30
+        assert c.data.metrics["eval/commonsenseqa/truncated"] == 12  # the tiny preset's 64-token prompts
+        assert "time/step" in c.data.metrics and "efficiency/train_h" in c.data.metrics
+    arts = {f.path for f in client.list_artifacts(parent.info.run_id, "tables")} | {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {"tables/results.md", "tables/results.csv", "tables/efficiency.md", "tables/efficiency.csv", "figures/learning_curves.png"} <= arts
+    outcomes = {f.path for f in client.list_artifacts(children[0].info.run_id, f"eval/step_{STEPS:06d}")}
+    assert f"eval/step_{STEPS:06d}/outcomes.csv" in outcomes
+
+
+def test_results_table_matches_the_child_runs(comparison):
+    out, uri = comparison
+    _, _, children = runs_of(uri)
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "results.csv").read_text()))}
+    assert list(rows) == ["Base", "GRPO", "RRPO", "SRPO"]
+    md = (out / "results.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| Method"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols == ["Method", "synth", "csqa"]
+    for b, short in (("synthetic", "synth"), ("commonsenseqa", "csqa")):
+        means = {}
+        for label, method in (("GRPO", "grpo"), ("RRPO", "rrpo"), ("SRPO", "srpo")):
+            finals = [100 * c.data.metrics[f"eval/{b}/accuracy"] for c in children if c.data.tags["method"] == method]
+            assert len(finals) == len(SEEDS)
+            means[label] = statistics.mean(finals)
+            assert float(rows[label][f"{b}_mean"]) == pytest.approx(means[label], abs=1e-4)
+            assert float(rows[label][f"{b}_sd"]) == pytest.approx(statistics.stdev(finals), abs=1e-4)
+            cell = next(line for line in md if line.startswith(f"| {label} |")).strip("|").split("|")[cols.index(short)].strip()
+            assert cell.strip("*") == f"{means[label]:.1f} ± {statistics.stdev(finals):.1f}"
+            assert (cell.startswith("**") and cell.endswith("**")) == (rows[label][f"{b}_best"] == "1")
+        top = max(means.values())
+        assert {lab for lab, m in means.items() if rows[lab][f"{b}_best"] == "1"} == {lab for lab, m in means.items() if math.isclose(m, top, abs_tol=1e-9)}
+    client, _, _ = runs_of(uri)
+    step0 = [100 * m.value for c in children for m in client.get_metric_history(c.info.run_id, "eval/synthetic/accuracy") if m.step == 0]
+    assert len(set(step0)) == 1  # the base model, seed-invariant (LoRA starts at zero, greedy decoding)
+    assert float(rows["Base"]["synthetic_mean"]) == pytest.approx(step0[0], abs=1e-4) and rows["Base"]["synthetic_sd"] == ""
+
+
+def test_efficiency_table_matches_the_child_runs(comparison):
+    out, uri = comparison
+    _, _, children = runs_of(uri)
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "efficiency.csv").read_text()))}
+    assert list(rows) == ["GRPO", "RRPO", "SRPO"]
+    for col in C.EFFICIENCY_COLUMNS:
+        assert float(rows["GRPO"][f"{col}_vs_grpo"]) == pytest.approx(1.0)
+        vals = {}
+        for label, method in (("GRPO", "grpo"), ("RRPO", "rrpo"), ("SRPO", "srpo")):
+            vals[label] = statistics.mean(c.data.metrics[f"efficiency/{col}"] for c in children if c.data.tags["method"] == method)
+            assert float(rows[label][col]) == pytest.approx(vals[label], rel=1e-5)
+        for label in ("RRPO", "SRPO"):
+            assert float(rows[label][f"{col}_vs_grpo"]) == pytest.approx(vals[label] / vals["GRPO"], rel=1e-4)
+    assert all(float(rows[lab]["tokens"]) > 0 and float(rows[lab]["gen_tok_s"]) > 0 for lab in rows)
+    md = (out / "efficiency.md").read_text()
+    assert "| GRPO | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |" in md
+
+
+def test_learning_curves_png(comparison):
+    out, _ = comparison
+    png = out / "learning_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert (out / "runs.jsonl").read_text().count("\n") == 6
