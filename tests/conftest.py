@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("USERNAME", "srpo-tests")  # Metaflow refuses to run as root without it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.conftest_servers"]
+pytest_plugins = ["tests.conftest_servers", "tests.slurm_cluster"]
 
 
 @pytest.fixture(scope="session")
