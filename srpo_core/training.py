@@ -278,11 +278,11 @@ def finish(plan: Plan, reports: list[StepReport]) -> dict:
     wall = sum(r.wall_seconds for r in reports)
     overhead = sum(r.wall_seconds - r.phase_seconds for r in reports)
     table = Table(title=f"training {plan.training_id}")
-    for col in ("method", "split", "localizer", "steps", "benchmark", "accuracy before", "accuracy after", "epoch-step time", "orchestration"):
+    for col in ("method", "split", "localizer", "steps", "benchmark", "acc. before", "acc. after", "step time", "orchestration"):
         table.add_column(col)
     for r in rows or [["-", float("nan"), float("nan"), 0]]:
         table.add_row(cfg.method.method, cfg.method.split, cfg.method.resolved_localizer, str(plan.total_steps), r[0], f"{r[1]:.3f}", f"{r[2]:.3f}", f"{wall:.0f}s", f"{overhead:.0f}s")
-    console = Console()
+    console = Console(width=200)
     console.print(table)
     console.print(f"MLflow:    mlflow ui --backend-store-uri {plan.tracking_uri}   (run {plan.mlflow_run_id})")
     console.print(f"artifacts: {plan.artifact_root}/runs/{plan.training_id}/")
