@@ -160,7 +160,7 @@ def adapter_uri(ctx: StepContext, step: int) -> str:
     return f"{open_root(ctx).uri.rstrip('/')}/{S.step_prefix(ctx.training_id, step)}/adapter"
 
 
-def load_engine(ctx: StepContext, step: int | None = None, adapter_dir: Path | None = None):
+def load_engine(ctx: StepContext, step: int | None = None):
     """The policy of checkpoint `step` (default: the parent) behind the engine interface: an
     inference server pinned to that adapter version, or the model loaded in this process."""
     step = ctx.parent_step if step is None else step
@@ -188,9 +188,9 @@ def load_engine(ctx: StepContext, step: int | None = None, adapter_dir: Path | N
     if step is not None:
         from peft import PeftModel
 
-        tmp = adapter_dir or Path(tempfile.mkdtemp(prefix="srpo-ckpt-"))
-        download_checkpoint(ctx, step, tmp)
-        model = PeftModel.from_pretrained(model, str(tmp / "adapter"))
+        with tempfile.TemporaryDirectory(prefix="srpo-ckpt-") as tmp:  # weights are read into memory
+            download_checkpoint(ctx, step, Path(tmp))
+            model = PeftModel.from_pretrained(model, str(Path(tmp) / "adapter"))
     return HFEngine(model.eval(), load_tokenizer(path), adapter_version=adapter_version(step))
 
 
