@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -50,7 +51,7 @@ class TinyModelConfig:
     n_test: int = 200  # test-split problems for the reported pass@1 and localization agreement
     rollout_template: str = "tiny_rollout_v1"
     localization_template: str = "tiny_localization_v1"
-    # SFT
+    # phase 1, policy SFT on correct traces: AdamW, warmup then cosine over max_steps
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -60,20 +61,22 @@ class TinyModelConfig:
     max_steps: int = 1500  # cosine horizon and hard cap
     min_steps: int = 100
     eval_interval: int = 25
-    # stop at the first evaluation with val pass@1 >= stop_at (inside [target_low, target_high])
+    # stop at the first evaluation with val pass@1 >= stop_at; the build fails its target when
+    # the final test pass@1 leaves [target_low, target_high]
     target_low: float = 0.15
     target_high: float = 0.60
     stop_at: float = 0.30
-    # localization mix
-    loc_batch_size: int = 16
+    # phase 2, localization SFT: the stopped policy samples (temperature 1) on onpolicy_prompts
+    # train problems; its wrong samples, labelled by the oracle, are the on-policy localization
+    # data, and all its samples are replayed as rollout targets so that the policy stays put
+    onpolicy_prompts: int = 3000
+    loc_steps: int = 120
+    loc_lr: float = 1e-3
+    loc_batch_size: int = 64
     loc_weight: float = 1.0
-    loc_start: int = 0
-    copy_corrupt_frac: float = 0.3  # share of synthetic wrong chains that are copy slips
-    onpolicy_start: int = 150
-    onpolicy_interval: int = 25
-    onpolicy_prompts: int = 64
-    onpolicy_frac: float = 0.5  # share of localization examples drawn from the on-policy buffer
-    onpolicy_buffer: int = 2048
+    onpolicy_frac: float = 0.9  # the rest: synthetic wrong chains (corrupt / copy_corrupt)
+    copy_corrupt_frac: float = 0.5  # share of synthetic wrong chains that are copy slips
+    anchor_batch_size: int = 32
     # determinism
     seed: int = 0
     num_threads: int = 2
@@ -82,7 +85,7 @@ class TinyModelConfig:
         """A few-step build that exercises every code path (for tests)."""
         return dataclasses.replace(
             self, n_train=256, n_val=8, n_test=8, max_steps=6, min_steps=0, warmup_steps=2, eval_interval=3,
-            batch_size=8, loc_batch_size=4, onpolicy_start=3, onpolicy_interval=3, onpolicy_prompts=4,
+            batch_size=8, onpolicy_prompts=8, loc_steps=3, loc_batch_size=4, anchor_batch_size=4,
         )
 
 
@@ -126,8 +129,6 @@ def _make_model(cfg: TinyModelConfig, tokenizer):
 
 
 def _lr_at(cfg: TinyModelConfig, step: int) -> float:
-    import math
-
     if step <= cfg.warmup_steps:
         return cfg.lr * step / max(cfg.warmup_steps, 1)
     progress = min(1.0, (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1))
@@ -137,7 +138,7 @@ def _lr_at(cfg: TinyModelConfig, step: int) -> float:
 def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = SHIPPED_DIR, progress: bool = True) -> Path:
     """Train the tiny model for `cfg` and save it to `out_dir` (replaced if it exists)."""
     cfg = cfg or TinyModelConfig()
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     import torch
     import transformers
     from tqdm.auto import tqdm
@@ -170,70 +171,90 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
             lr=cfg.lr, betas=(0.9, 0.95),
         )
 
-        rollout_cache: dict[str, sft.Example] = {}
-        buffer: list[tuple] = []  # on-policy wrong chains (problem, thoughts, label), FIFO
-        history: list[dict] = []
-        snapshot = None  # (step, val pass@1, state dict) of the latest evaluation inside the window
-        stopped_at = None
-        step = 0
-        bar = tqdm(total=cfg.max_steps, desc="build-tiny", disable=not progress, dynamic_ncols=True)
-        for step in range(1, cfg.max_steps + 1):
+        def train_step(lr: float, losses: list[tuple[float, dict]]) -> list[float]:
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, step)
-            problems = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
-            examples = []
-            for p in problems:
-                if p.question not in rollout_cache:
-                    rollout_cache[p.question] = enc.rollout(p)
-                examples.append(rollout_cache[p.question])
-            loss_roll = sft.response_loss(model, enc.collate(examples))
-            loss = loss_roll
-            loss_loc = None
-            if cfg.loc_batch_size > 0 and step >= cfg.loc_start:
-                loc_examples = []
-                for _ in range(cfg.loc_batch_size):
-                    if buffer and rng.random() < cfg.onpolicy_frac:
-                        p, thoughts, label = buffer[rng.randrange(len(buffer))]
-                    else:
-                        p = train[rng.randrange(len(train))]
-                        if rng.random() < cfg.copy_corrupt_frac:
-                            thoughts, label = sft.copy_corrupt(p, rng)
-                        else:
-                            thoughts, label = synthetic.corrupt(p, rng)
-                    loc_examples.append(enc.localization(p, thoughts, label))
-                loss_loc = sft.response_loss(model, enc.collate(loc_examples))
-                loss = loss + cfg.loc_weight * loss_loc
+                group["lr"] = lr
+            values = [sft.response_loss(model, batch) for _, batch in losses]
+            total = sum(w * v for (w, _), v in zip(losses, values))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            return [v.item() for v in values]
+
+        # phase 1: the policy, on correct traces, until val pass@1 reaches stop_at
+        rollout_cache: dict[str, sft.Example] = {}
+        history: list[dict] = []
+        snapshot = None  # (step, val pass@1, state dict) of the latest evaluation inside the window
+        stopped_by_rule = False
+        step = 0
+        bar = tqdm(total=cfg.max_steps, desc="build-tiny policy", disable=not progress, dynamic_ncols=True)
+        for step in range(1, cfg.max_steps + 1):
+            examples = []
+            for _ in range(cfg.batch_size):
+                p = train[rng.randrange(len(train))]
+                if p.question not in rollout_cache:
+                    rollout_cache[p.question] = enc.rollout(p)
+                examples.append(rollout_cache[p.question])
+            (loss,) = train_step(_lr_at(cfg, step), [(1.0, enc.collate(examples))])
             bar.update(1)
-
-            if cfg.onpolicy_interval and step >= cfg.onpolicy_start and step % cfg.onpolicy_interval == 0:
-                probs = [train[rng.randrange(len(train))] for _ in range(cfg.onpolicy_prompts)]
-                ev = sft.eval_rollouts(model, enc, probs, cfg.max_ops, sample=True)
-                buffer.extend(sft.wrong_chains(probs, ev.responses, ev.rewards))
-                del buffer[: max(0, len(buffer) - cfg.onpolicy_buffer)]
-
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 ev = sft.eval_rollouts(model, enc, val, cfg.max_ops)
-                row = {"step": step, "val_pass_at_1": ev.pass_at_1, "loss_rollout": round(loss_roll.item(), 4),
-                       "loss_localization": None if loss_loc is None else round(loss_loc.item(), 4), "buffer": len(buffer),
-                       "seconds": round(time.time() - t0, 1)}
-                history.append(row)
-                bar.set_postfix(pass1=f"{ev.pass_at_1:.2f}", loss=f"{loss_roll.item():.3f}", loc=row["loss_localization"])
+                history.append({"phase": "policy", "step": step, "val_pass_at_1": ev.pass_at_1, "loss": round(loss, 4),
+                                "seconds": round(time.time() - t0, 1)})
+                bar.set_postfix(pass1=f"{ev.pass_at_1:.2f}", loss=f"{loss:.3f}")
                 if cfg.target_low <= ev.pass_at_1 <= cfg.target_high:
-                    snapshot = (step, ev.pass_at_1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                    snapshot = (step, {k: v.detach().clone() for k, v in model.state_dict().items()})
                 if step >= cfg.min_steps and ev.pass_at_1 >= cfg.stop_at:
-                    stopped_at = step
+                    stopped_by_rule = True
                     break
         bar.close()
-        steps_trained = step
+        policy_steps = step
         if snapshot is not None and not (cfg.target_low <= history[-1]["val_pass_at_1"] <= cfg.target_high):
             # overshot the window between two evaluations: go back to the last one inside it
-            steps_trained = snapshot[0]
-            model.load_state_dict(snapshot[2])
+            policy_steps = snapshot[0]
+            model.load_state_dict(snapshot[1])
+            history.append({"phase": "policy", "restored_step": policy_steps})
+        snapshot = None
+
+        # phase 2: localization on the stopped policy's own sampled wrong chains (oracle labels)
+        # and synthetic ones, while replaying the policy's own samples as rollout targets
+        problems = rng.sample(train, min(cfg.onpolicy_prompts, len(train)))
+        texts, finished = sft.generate(
+            model, enc, [enc.rollout_prompt(p) for p in problems], sft.rollout_max_new_tokens(cfg.max_ops),
+            sample=True, return_finished=True,
+        )
+        anchors = [enc.response(p, t, f) for p, t, f in zip(problems, texts, finished)]
+        rewards = [synthetic.reward(p, t) for p, t in zip(problems, texts)]
+        onpolicy = sft.wrong_chains(problems, texts, rewards)
+        bar = tqdm(total=cfg.loc_steps, desc="build-tiny localizer", disable=not progress, dynamic_ncols=True)
+        for loc_step in range(1, cfg.loc_steps + 1):
+            loc_examples = []
+            for _ in range(cfg.loc_batch_size):
+                if onpolicy and rng.random() < cfg.onpolicy_frac:
+                    p, thoughts, label = onpolicy[rng.randrange(len(onpolicy))]
+                else:
+                    p = train[rng.randrange(len(train))]
+                    if rng.random() < cfg.copy_corrupt_frac:
+                        thoughts, label = sft.copy_corrupt(p, rng)
+                    else:
+                        thoughts, label = synthetic.corrupt(p, rng)
+                loc_examples.append(enc.localization(p, thoughts, label))
+            batches = [(cfg.loc_weight, enc.collate(loc_examples))]
+            if cfg.anchor_batch_size and anchors:
+                batches.append((1.0, enc.collate([anchors[rng.randrange(len(anchors))] for _ in range(cfg.anchor_batch_size)])))
+            progress_frac = (loc_step - 1) / max(cfg.loc_steps - 1, 1)
+            lr = cfg.loc_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_frac)))
+            losses = train_step(lr, batches)
+            bar.update(1)
+            bar.set_postfix(loc=f"{losses[0]:.3f}")
+        bar.close()
+        ev = sft.eval_rollouts(model, enc, val, cfg.max_ops)
+        history.append({"phase": "localizer", "step": cfg.loc_steps, "val_pass_at_1": ev.pass_at_1,
+                        "loss_localization": round(losses[0], 4) if cfg.loc_steps else None,
+                        "onpolicy_chains": len(onpolicy), "onpolicy_sampled_pass_at_1": sum(rewards) / max(len(rewards), 1),
+                        "seconds": round(time.time() - t0, 1)})
 
         # measurements on the test split: greedy pass@1, where greedy chains go wrong, and the
         # model's own localization of its own wrong chains (greedy and sampled) against the oracle
@@ -256,14 +277,17 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
         )
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+        os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes 0600; the cache may be shared
         info = {
             "name": BUILTIN_NAME,
             "config": dataclasses.asdict(cfg),
             "config_hash": config_hash(cfg),
             "build_version": BUILD_VERSION,
             "seed": cfg.seed,
-            "steps_trained": steps_trained,
-            "stopped_by_rule": stopped_at is not None,
+            "steps_trained": policy_steps + cfg.loc_steps,
+            "policy_steps": policy_steps,
+            "localizer_steps": cfg.loc_steps,
+            "stopped_by_rule": stopped_by_rule,
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "val_pass_at_1": history[-1]["val_pass_at_1"] if history else None,
             "pass_at_1": ev_test.pass_at_1,
@@ -277,6 +301,7 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
             },
             "history": history,
             "build_seconds": round(time.time() - t0, 1),
+            "build_cpu_seconds": round(time.process_time() - cpu0, 1),  # all threads; wall time varies with load
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
             "num_threads": cfg.num_threads,

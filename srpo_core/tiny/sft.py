@@ -6,11 +6,14 @@ Two tasks share one model:
 * localization: ``localization_prompt(q, chain)`` -> ``\\boxed{k}`` -> eos, where ``k`` is the oracle's
   first wrong thought (``synthetic.first_error``) of a wrong chain.
 
-Losses are on response tokens only. Wrong chains for localization come from three sources:
-arithmetic corruptions (``synthetic.corrupt``: one result is wrong, later steps follow it), copy
-corruptions (one step reads the wrong operand, operator or previous value, later steps follow it)
-and, once the policy can produce them, the model's own sampled wrong chains labelled by the oracle
-(on-policy data). Everything here is deterministic given the seeds.
+Losses are on response tokens only. Wrong chains for localization come from the policy itself (its
+own temperature-1 samples that miss the answer, labelled by the oracle: on-policy data) and from
+synthetic corruptions: arithmetic slips (``synthetic.corrupt``: one result is wrong, later steps
+follow it) and copy slips (``copy_corrupt``: one step reads the wrong operand, operator or previous
+value, later steps follow it). The tiny policy's own errors are almost all copy slips (the operand
+of a neighbouring operation), which a 2-layer model cannot check locally; what it learns from the
+on-policy data is where it tends to slip, given the question. Everything here is deterministic
+given the seeds.
 """
 
 from __future__ import annotations
@@ -110,6 +113,10 @@ class Encoder:
         response = "".join(synthetic.solution_thoughts(problem))
         return Example(self.ids(self.rollout_prompt(problem)), self.ids(response) + (self.eos,))
 
+    def response(self, problem: Problem, text: str, finished: bool = True) -> Example:
+        """A rollout example with a given response (the policy's own sample, for anchoring)."""
+        return Example(self.ids(self.rollout_prompt(problem)), self.ids(text) + ((self.eos,) if finished else ()))
+
     def localization(self, problem: Problem, thoughts: list[str], label: int) -> Example:
         return Example(self.ids(self.localization_prompt(problem, thoughts)), self.ids(f"\\boxed{{{label}}}") + (self.eos,))
 
@@ -138,14 +145,17 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, enc: Encoder, prompts: list[str], max_new_tokens: int, sample: bool = False, batch_size: int = 256) -> list[str]:
-    """Batched left-padded generation; returns the decoded responses (special tokens dropped)."""
+def generate(model, enc: Encoder, prompts: list[str], max_new_tokens: int, sample: bool = False, batch_size: int = 256,
+             return_finished: bool = False):
+    """Batched left-padded generation of the decoded responses (special tokens dropped); with
+    `return_finished`, also whether each response ended with eos (rather than the token cap)."""
     model.eval()
     tok = enc.tok
-    out: list[str] = []
+    texts: list[str] = []
+    finished: list[bool] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        inputs = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = tok(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         gen = model.generate(
             input_ids=inputs["input_ids"],
@@ -155,9 +165,11 @@ def generate(model, enc: Encoder, prompts: list[str], max_new_tokens: int, sampl
             pad_token_id=enc.pad,
             **kwargs,
         )
-        out.extend(tok.batch_decode(gen[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        new = gen[:, inputs["input_ids"].shape[1] :]
+        texts.extend(tok.batch_decode(new, skip_special_tokens=True))
+        finished.extend((new == enc.eos).any(dim=1).tolist())
     model.train()
-    return out
+    return (texts, finished) if return_finished else texts
 
 
 def rollout_max_new_tokens(max_ops: int) -> int:
@@ -200,11 +212,12 @@ class LocalizationEval:
     chance_exact: float
     chance_within1: float
     answered: float  # fraction of answers that parse as an integer
+    best_constant: float  # exact agreement of the best fixed answer on these chains (a prior-only baseline)
 
 
 def eval_localization(model, enc: Encoder, chains: list[tuple[Problem, list[str], int]]) -> LocalizationEval:
     if not chains:
-        return LocalizationEval(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return LocalizationEval(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     prompts = [enc.localization_prompt(p, t) for p, t, _ in chains]
     answers = generate(model, enc, prompts, max_new_tokens=6)
     exact = within1 = answered = 0
@@ -224,7 +237,8 @@ def eval_localization(model, enc: Encoder, chains: list[tuple[Problem, list[str]
         exact += k == label
         within1 += abs(k - label) <= 1
     m = len(chains)
-    return LocalizationEval(m, exact / m, within1 / m, chance_exact / m, chance_within1 / m, answered / m)
+    best = Counter(label for _, _, label in chains).most_common(1)[0][1]
+    return LocalizationEval(m, exact / m, within1 / m, chance_exact / m, chance_within1 / m, answered / m, best / m)
 
 
 def error_histogram(chains: list[tuple[Problem, list[str], int]]) -> dict[str, int]:

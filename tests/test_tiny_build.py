@@ -1,0 +1,124 @@
+"""The embedded tiny model: reproducible builds, HF loading, the shipped checkpoint and its cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from srpo_core import templates
+from srpo_core.tasks import synthetic
+from srpo_core.tiny import build as tb
+
+
+def _sha256(directory: Path) -> str:
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = tb.TinyModelConfig().smoke()
+    a = tb.build_tiny(cfg, root / "a", progress=False)
+    b = tb.build_tiny(cfg, root / "b", progress=False)
+    other = tb.build_tiny(dataclasses.replace(cfg, seed=1), root / "other", progress=False)
+    return cfg, a, b, other
+
+
+def test_smoke_build_is_bit_reproducible_and_seed_dependent(smoke):
+    cfg, a, b, other = smoke
+    assert _sha256(a) == _sha256(b)
+    assert _sha256(a) != _sha256(other)
+    info = json.loads((a / "build_info.json").read_text())
+    assert info["config_hash"] == tb.config_hash(cfg) != tb.config_hash(dataclasses.replace(cfg, seed=1))
+    assert info["seed"] == cfg.seed and info["steps_trained"] == cfg.max_steps + cfg.loc_steps
+    for key in ("pass_at_1", "localization", "build_seconds", "torch_version", "transformers_version"):
+        assert key in info
+
+
+def test_saved_dir_loads_as_a_hugging_face_model(smoke):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, a, _, _ = smoke
+    model = AutoModelForCausalLM.from_pretrained(a)
+    tok = AutoTokenizer.from_pretrained(a)
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings
+    assert model.generation_config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("</s>")
+    assert model.generation_config.pad_token_id == tok.pad_token_id == tok.convert_tokens_to_ids("<pad>")
+
+    problem = synthetic.make_split("test", 1)[0]
+    thoughts = synthetic.solution_thoughts(problem)
+    for text in (
+        templates.rollout_prompt("tiny_rollout_v1", problem.question) + "".join(thoughts),
+        templates.localization_prompt("tiny_localization_v1", problem.question, thoughts) + "\\boxed{3}",
+    ):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        assert tok.unk_token_id not in ids
+    for single in ("</thought>", "\\boxed{", "Step"):
+        assert len(tok(single, add_special_tokens=False)["input_ids"]) == 1
+    with torch.no_grad():
+        out = model(**tok([text], return_tensors="pt", add_special_tokens=False))
+    assert out.logits.shape[-1] == len(tok)
+
+
+def test_shipped_checkpoint_matches_default_config_and_resolves():
+    info_path = tb.SHIPPED_DIR / "build_info.json"
+    assert info_path.exists(), "no shipped checkpoint: run `srpo build-tiny`"
+    info = json.loads(info_path.read_text())
+    # checked first, so that a stale checkpoint fails here instead of starting a full build
+    assert info["config_hash"] == tb.config_hash(tb.TinyModelConfig()), "stale shipped checkpoint: run `srpo build-tiny`"
+    assert Path(tb.resolve_model_path("builtin:tiny-arith")) == tb.SHIPPED_DIR
+    assert 0.15 <= info["pass_at_1"] <= 0.60
+    assert (tb.SHIPPED_DIR / "model.safetensors").stat().st_size < 8 * 2**20
+    assert tb.resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert tb.resolve_model_path("/some/local/dir") == "/some/local/dir"
+    with pytest.raises(ValueError):
+        tb.resolve_model_path("builtin:no-such-model")
+
+
+def test_shipped_model_greedy_pass_at_1_is_in_range():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from srpo_core.tiny import sft
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = AutoModelForCausalLM.from_pretrained(tb.SHIPPED_DIR)
+    tok = AutoTokenizer.from_pretrained(tb.SHIPPED_DIR)
+    enc = sft.Encoder(tok, "tiny_rollout_v1", "tiny_localization_v1")
+    problems = synthetic.make_split("test", 100)
+    ev = sft.eval_rollouts(model, enc, problems, max_ops=8)
+    assert 0.10 <= ev.pass_at_1 <= 0.65
+    # it answers the localization prompt in the expected format
+    wrong = sft.wrong_chains(problems, ev.responses, ev.rewards)
+    loc = sft.eval_localization(model, enc, wrong[:20])
+    assert loc.answered >= 0.9
+
+
+def test_ensure_tiny_builds_once_into_the_cache(tmp_path, monkeypatch):
+    cfg = tb.TinyModelConfig().smoke()
+    monkeypatch.setenv("SRPO_CACHE_DIR", str(tmp_path))
+    first = tb.ensure_tiny(cfg)
+    assert first.parent.parent == tmp_path and first != tb.SHIPPED_DIR
+    assert json.loads((first / "build_info.json").read_text())["config_hash"] == tb.config_hash(cfg)
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("rebuilt a cached model")
+
+    monkeypatch.setattr(tb, "build_tiny", no_rebuild)
+    assert tb.ensure_tiny(cfg) == first
+    assert tb.ensure_tiny(tb.TinyModelConfig()) == tb.SHIPPED_DIR
+
+
+def test_cli_build_tiny_smoke(tmp_path):
+    from srpo_core import cli
+
+    out = tmp_path / "cli"
+    assert cli.main(["build-tiny", "--smoke", "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["seed"] == 3 and (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
