@@ -52,7 +52,7 @@ def mlflow_run(uri: str, training_id: str):
     return client, runs[0]
 
 
-def test_flow_trains_and_tracks_on_tiny_preset(tmp_path, tiny_model_path, mlflow_server):
+def test_flow_trains_and_tracks_on_tiny_preset(tmp_path, tiny_model_path, mlflow_server, monkeypatch):
     art = tmp_path / "art"
     env = flow_env(tmp_path, str(art), mlflow_server)
     run, stdout = run_flow(tmp_path, env, steps=2, set=quick_set(tiny_model_path), training_id="tiny-local", quiet_steps=True)
@@ -62,7 +62,7 @@ def test_flow_trains_and_tracks_on_tiny_preset(tmp_path, tiny_model_path, mlflow
     from metaflow import Flow, namespace
 
     namespace(None)
-    os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = env["METAFLOW_DATASTORE_SYSROOT_LOCAL"]
+    monkeypatch.setenv("METAFLOW_DATASTORE_SYSROOT_LOCAL", env["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
     step_runs = list(Flow("SRPOStepFlow").runs("training_id:tiny-local"))
     assert sorted(int(next(t for t in r.tags if t.startswith("step:")).split(":")[1]) for r in step_runs) == [0, 1]
     assert all("method:srpo" in r.tags and "seed:0" in r.tags and r.successful for r in step_runs)
@@ -90,13 +90,14 @@ def test_flow_trains_and_tracks_on_tiny_preset(tmp_path, tiny_model_path, mlflow
 
 def test_flow_on_s3_datastore_with_versioned_latest(tmp_path, tiny_model_path, mlflow_server, s3_server, s3_bucket, monkeypatch):
     env = flow_env(tmp_path, f"s3://{s3_bucket}/art", mlflow_server, SRPO_S3_ENDPOINT_URL=s3_server, METAFLOW_S3_ENDPOINT_URL=s3_server, METAFLOW_DEFAULT_DATASTORE="s3", METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_bucket}/metaflow")
-    for key, value in env.items():  # the client in this process reads the S3 datastore too
-        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SRPO_S3_ENDPOINT_URL", s3_server)
     from metaflow import Runner
 
     with Runner(FLOW, show_output=False, env=env, cwd=str(tmp_path), datastore="s3", file_read_timeout=300) as runner:
         result = runner.run(steps=2, set=quick_set(tiny_model_path, "eval.every_steps=0 resources.shards=2"), training_id="tiny-s3", quiet_steps=True)
-        assert result.run is not None and result.run.successful, result.stdout[-3000:] + result.stderr[-3000:]
+        # the status comes from the run's process: Metaflow's client in this process read its S3
+        # settings at import time, so the run's artifacts are checked through boto3 below
+        assert result.status == "successful", result.stdout[-3000:] + result.stderr[-3000:]
     store = S.open_store(f"s3://{s3_bucket}/art")
     versions = store.get_pointer_versions(S.latest_pointer_name("tiny-s3"))
     assert len(versions) == 2
