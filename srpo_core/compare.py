@@ -7,8 +7,7 @@ x seeds on one preset, evaluate on a benchmark suite, and write the paper's tabl
 
 How it runs
     Every (method, split, localizer, seed) is one training, :func:`run_training`, with the plain
-    in-process loop of ``srpo train`` (``train.open_session`` + ``train.train_step`` over
-    ``pipeline.step_batches``) and :func:`srpo_core.evaluate.evaluate_suite` before training, every
+    in-process loop of ``srpo train`` (``train.open_session`` + ``train.run_steps``) and :func:`srpo_core.evaluate.evaluate_suite` before training, every
     ``--eval-every`` steps and after the last step. The CLI runs the trainings one after another in
     this process: that is the sequential equivalent of a Metaflow ``foreach`` fan-out, and
     ``flows/compare_flow.py`` is that fan-out (one task per training, calling the same
@@ -320,9 +319,8 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
     comparison's benchmarks at ``spec.eval_steps``; logs into a nested MLflow child run."""
     from tqdm.auto import tqdm
 
-    from srpo_core import pipeline
     from srpo_core.evaluate import evaluate_suite, log_metrics
-    from srpo_core.train import open_session, train_step
+    from srpo_core.train import open_session, run_steps
 
     if isinstance(spec, dict):
         spec = RunSpec(**spec)
@@ -337,8 +335,6 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
     status = "FAILED"
     try:
         session = open_session(cfg)
-        train_items = session.task.items("train", cfg.data.train_size, cfg.data.data_seed)
-        batches = pipeline.step_batches(len(train_items), cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed)[: spec.steps]
 
         def evaluate_at(step: int) -> None:
             suite = evaluate_suite(session.engine, cfg, spec.benchmarks, step, run_id=run_id, items_per_benchmark=spec.eval_items, samples=spec.samples, ks=tuple(spec.ks), long_prompts=spec.long_prompts, progress=spec.progress, out_dir=out, log_to_mlflow=run_id is not None, tracking_uri=spec.tracking_uri)
@@ -350,23 +346,20 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
 
         if 0 in spec.eval_steps:
             evaluate_at(0)
-        bar = tqdm(batches, desc=f"train {spec.label} seed {spec.seed}", disable=not spec.progress, leave=False)
-        with (out / "metrics.jsonl").open("w") as fh:
-            for step, batch in enumerate(bar):
-                res = train_step(session, [train_items[i] for i in batch], step, out)
-                m = res.metrics
-                result.train_s += m.get("time/step", 0.0)
-                result.gen_s += sum(m.get(f"time/{k}", 0.0) for k in ("generation", "suffix", "localization"))
-                result.tokens += m.get("tokens/generated", 0.0) + m.get("tokens/localization", 0.0)
-                result.resp_tokens += sum(len(r.rollout.response_ids) for r in res.records)
-                result.rollouts += len(res.records)
-                m = {**m, "response/mean_tokens": _mean([len(r.rollout.response_ids) for r in res.records])}
-                fh.write(json.dumps({"step": step, **m}) + "\n")
-                if run_id is not None:
-                    log_metrics(client, run_id, m, step)
-                bar.set_postfix(reward=f"{m.get('reward/base/mean', float('nan')):.2f}")
-                if step + 1 in spec.eval_steps:
-                    evaluate_at(step + 1)
+        bar = tqdm(run_steps(session, out, spec.steps), total=spec.steps, desc=f"train {spec.label} seed {spec.seed}", disable=not spec.progress, leave=False)
+        for step, res in bar:
+            m = res.metrics
+            result.train_s += m.get("time/step", 0.0)
+            result.gen_s += sum(m.get(f"time/{k}", 0.0) for k in ("generation", "suffix", "localization"))
+            result.tokens += m.get("tokens/generated", 0.0) + m.get("tokens/localization", 0.0)
+            result.resp_tokens += sum(len(r.rollout.response_ids) for r in res.records)
+            result.rollouts += len(res.records)
+            m["response/mean_tokens"] = _mean([len(r.rollout.response_ids) for r in res.records])  # also lands in metrics.jsonl
+            if run_id is not None:
+                log_metrics(client, run_id, m, step)
+            bar.set_postfix(reward=f"{m.get('reward/base/mean', float('nan')):.2f}")
+            if step + 1 in spec.eval_steps:
+                evaluate_at(step + 1)
         bar.close()
         session.learner.save_adapter(out / "adapter")
         status = "FINISHED"

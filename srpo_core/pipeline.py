@@ -130,15 +130,25 @@ def _mean(xs) -> float:
 
 
 def gradient_signal_ratio(records: list[R.Record]) -> tuple[float, float, float]:
-    """Mean per-token gradient signal |A|/T (1 - p) of shared-prefix vs base rollouts with a
-    nonzero advantage (p from the rollout log-probs). Returns (g_sp, g_base, ratio)."""
+    """Mean per-token gradient signal (algos.gradient_signal, p from the rollout log-probs) of
+    shared-prefix vs base rollouts with a nonzero advantage. Returns (g_sp, g_base, ratio)."""
+    import torch
 
-    def g(rec: R.Record) -> float:
-        lps = rec.rollout.logprobs
-        return abs(rec.advantage) / max(len(lps), 1) * _mean(1 - math.exp(lp) for lp in lps) if lps else 0.0
+    from srpo_core.algos import gradient_signal
 
-    sp = [g(r) for r in records if r.group == "shared_prefix" and r.advantage != 0]
-    base = [g(r) for r in records if r.group in ("base", "fallback") and r.advantage != 0]
+    def signals(recs: list[R.Record]) -> list[float]:
+        recs = [r for r in recs if r.rollout.logprobs]
+        if not recs:
+            return []
+        width = max(len(r.rollout.logprobs) for r in recs)
+        probs, mask = torch.zeros(len(recs), width), torch.zeros(len(recs), width)
+        for i, r in enumerate(recs):
+            probs[i, : len(r.rollout.logprobs)] = torch.tensor(r.rollout.logprobs).exp()
+            mask[i, : len(r.rollout.logprobs)] = 1.0
+        return gradient_signal(torch.tensor([r.advantage for r in recs]), probs, mask).tolist()
+
+    sp = signals([r for r in records if r.group == "shared_prefix" and r.advantage != 0])
+    base = signals([r for r in records if r.group in ("base", "fallback") and r.advantage != 0])
     g_sp, g_base = _mean(sp), _mean(base)
     return g_sp, g_base, (g_sp / g_base if sp and base and g_base > 0 else float("nan"))
 

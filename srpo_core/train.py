@@ -88,6 +88,20 @@ class TrainSummary:
     history: list[dict] = field(default_factory=list)
 
 
+def run_steps(session: Session, out_dir: Path, max_steps: int | None = None):
+    """The training steps in the configured data order: yields (step, StepResult); each step's
+    metrics go to out_dir/metrics.jsonl after the caller has seen (and may extend) them."""
+    cfg = session.cfg
+    train_items = session.task.items("train", cfg.data.train_size, cfg.data.data_seed)
+    batches = pipeline.step_batches(len(train_items), cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed)
+    limit = max_steps if max_steps is not None else (cfg.train.max_steps or len(batches))
+    with (out_dir / "metrics.jsonl").open("w") as fh:
+        for step, batch in enumerate(batches[:limit]):
+            result = train_step(session, [train_items[i] for i in batch], step, out_dir)
+            yield step, result
+            fh.write(json.dumps({"step": step, **result.metrics}) + "\n")
+
+
 def train(cfg: Config, out_dir: Path, max_steps: int | None = None, progress: bool = True) -> TrainSummary:
     from tqdm.auto import tqdm
 
@@ -97,24 +111,16 @@ def train(cfg: Config, out_dir: Path, max_steps: int | None = None, progress: bo
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     session = open_session(cfg)
-    train_items = session.task.items("train", cfg.data.train_size, cfg.data.data_seed)
     test_items = session.task.items("test", cfg.eval.items_per_benchmark, cfg.data.data_seed)
-    batches = pipeline.step_batches(len(train_items), cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed)
-    limit = max_steps if max_steps is not None else (cfg.train.max_steps or len(batches))
-    batches = batches[:limit]
     before = evaluate(session.engine, session.task, test_items, cfg, progress=progress)
     history = []
-    bar = tqdm(batches, desc=f"train {cfg.method.method}", disable=not progress)
-    with (out_dir / "metrics.jsonl").open("w") as fh:
-        for step, batch in enumerate(bar):
-            result = train_step(session, [train_items[i] for i in batch], step, out_dir)
-            row = {"step": step, **result.metrics}
-            history.append(row)
-            fh.write(json.dumps(row) + "\n")
-            bar.set_postfix(reward=f"{result.metrics.get('reward/base/mean', float('nan')):.2f}", sp=f"{result.metrics.get('reward/shared_prefix/mean', float('nan')):.2f}")
+    bar = tqdm(run_steps(session, out_dir, max_steps), desc=f"train {cfg.method.method}", disable=not progress)
+    for step, result in bar:
+        history.append({"step": step, **result.metrics})
+        bar.set_postfix(reward=f"{result.metrics.get('reward/base/mean', float('nan')):.2f}", sp=f"{result.metrics.get('reward/shared_prefix/mean', float('nan')):.2f}")
     after = evaluate(session.engine, session.task, test_items, cfg, progress=progress)
     session.learner.save_adapter(out_dir / "adapter")
-    summary = TrainSummary(cfg.method.method, len(batches), before.accuracy, after.accuracy, time.perf_counter() - t0, history)
+    summary = TrainSummary(cfg.method.method, len(history), before.accuracy, after.accuracy, time.perf_counter() - t0, history)
     (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
     return summary
 

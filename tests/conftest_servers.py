@@ -23,11 +23,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+from srpo_core.server.launch import http_status
 from pathlib import Path
 
 import pytest
@@ -104,16 +104,6 @@ def stop_server(server: ServerProcess, grace_s: float = 10.0) -> None:
             continue
 
 
-def _http_status(url: str, timeout: float = 1.0) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (OSError, ValueError):
-        return None
-
-
 def wait_ready(server: ServerProcess, probe_url: str, timeout_s: float) -> None:
     """Poll ``probe_url`` until it answers 200; fail with the log tail on early exit or timeout."""
     deadline = time.monotonic() + timeout_s
@@ -124,7 +114,7 @@ def wait_ready(server: ServerProcess, probe_url: str, timeout_s: float) -> None:
                 f"{server.name} exited with code {code} before becoming ready at {probe_url}; "
                 f"log {server.log_path}:\n{log_tail(server.log_path)}"
             )
-        if _http_status(probe_url) == 200:
+        if http_status(probe_url, timeout=1.0) == 200:
             return
         time.sleep(0.25)
     stop_server(server)

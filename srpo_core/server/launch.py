@@ -82,7 +82,8 @@ class ServerHandle:
         self.stop()
 
 
-def _status(url: str, timeout: float = 2.0) -> int | None:
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status of a GET (error statuses included), None when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status
@@ -139,7 +140,7 @@ def start_server(
                 raise ServerStartError(f"inference server exited with code {code} before it was ready; command: {' '.join(cmd)}\nlog {log_path}:\n{_tail(log_path)}")
             if handle is None and port_file.exists():
                 handle = ServerHandle(f"http://{host}:{int(port_file.read_text())}", proc, log_path, work, owned)
-            if handle is not None and _status(handle.url + "/ready") == 200:
+            if handle is not None and http_status(handle.url + "/ready") == 200:
                 return handle
             time.sleep(0.2)
         raise ServerStartError(f"inference server not ready after {ready_timeout:.0f}s; log {log_path}:\n{_tail(log_path)}")
