@@ -165,12 +165,16 @@ class TrainConfig:
     max_steps: int = 0  # 0: epochs * train_size / prompts_per_step
     seed: int = 0
     gradient_checkpointing: bool = False
+    micro_batch_tokens: int = 0  # > 0: a micro-batch also holds at most this many padded tokens
+    processes: int = 1  # learner processes (FSDP2 under torchrun when > 1); 0: one per visible GPU
 
     def __post_init__(self):
         _require(self.prompts_per_step > 0, "train.prompts_per_step", "must be > 0")
         _require(0 < self.mini_batch_prompts <= self.prompts_per_step, "train.mini_batch_prompts", "must be in 1..prompts_per_step")
         _require(self.prompts_per_step % self.mini_batch_prompts == 0, "train.mini_batch_prompts", "must divide prompts_per_step")
         _require(self.micro_batch_sequences > 0, "train.micro_batch_sequences", "must be > 0")
+        _require(self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 0 (0: no token limit)")
+        _require(self.processes >= 0, "train.processes", "must be >= 0 (0: one per visible GPU)")
         _require(self.update_epochs > 0, "train.update_epochs", "must be > 0")
         _require(self.epochs > 0, "train.epochs", "must be > 0")
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0")

@@ -287,11 +287,11 @@ class StepOutcome:
 
 
 def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
-    """Advantages over every group, the LoRA update, and the step checkpoint + `latest`."""
-    import torch
-
-    from srpo_core.learner import Learner
-    from srpo_core.train import resolve_model_path, set_threads
+    """Advantages over every group, the LoRA update (in this process, or `train.processes` FSDP
+    processes under torchrun), and the step checkpoint + `latest`."""
+    from srpo_core.distributed import learn
+    from srpo_core.server.canary import CanaryReference
+    from srpo_core.train import set_threads
 
     cfg = ctx.cfg
     set_threads(cfg)
@@ -310,31 +310,25 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         parent_dir = None
         if ctx.parent_step is not None:
             parent_dir = download_checkpoint(ctx, ctx.parent_step, work / "parent")
-        torch.manual_seed(cfg.train.seed + ctx.step)
-        start = time.perf_counter()
-        learner = Learner(resolve_model_path(cfg.model.name_or_path), cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, loss=cfg.loss.loss, loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip}, gradient_checkpointing=cfg.train.gradient_checkpointing, adapter_path=str(parent_dir / "adapter") if parent_dir else None)
-        if parent_dir is not None:
-            learner.load_optimizer(parent_dir / "optimizer.pt")
-        metrics.update(learner.update(pipeline.train_sequences(records), cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs))
-        metrics["time/learner"] = time.perf_counter() - start
         out = work / "out"
-        learner.save_adapter(out / "adapter")
-        learner.save_optimizer(out / "optimizer.pt")
+        canary = work / "canary.json" if ctx.server_url else None
+        metrics.update(learn(cfg, pipeline.train_sequences(records), parent_dir, out, cfg.train.seed + ctx.step, canary_path=canary))
         pipeline.write_records(out / "rollouts.jsonl", records, ctx.step, cfg)
         (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
         parent_key = S.step_prefix(ctx.training_id, ctx.parent_step) if ctx.parent_step is not None else None
         manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=ctx.config, parent_key=parent_key, data_cursor=data_cursor(cfg, ctx.step))
-        if ctx.server_url:  # hot-load the new adapter and check the server samples from it
-            metrics.update(sync_server(ctx, learner, out / "adapter"))
+        if canary is not None:  # hot-load the new adapter and check the server samples from it
+            metrics.update(sync_server(ctx, CanaryReference(**json.loads(canary.read_text())), out / "adapter"))
         S.set_latest_step(store, ctx.training_id, ctx.step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return StepOutcome(ctx.step, S.step_prefix(ctx.training_id, ctx.step), metrics, S.sha256_bytes(manifest.to_json().encode()))
 
 
-def sync_server(ctx: StepContext, learner, adapter_dir: Path) -> dict[str, float]:
+def sync_server(ctx: StepContext, reference, adapter_dir: Path) -> dict[str, float]:
     """Load this step's adapter into the inference server, then the weight-sync canary: the
-    server's log-probs of a fixed sequence must match the learner's (else StaleAdapterError)."""
+    server's log-probs of a fixed sequence must match the learner's `reference` (a
+    CanaryReference or a Learner), else StaleAdapterError."""
     from srpo_core.engine.remote import RemoteEngine
     from srpo_core.server.app import adapter_sha256
     from srpo_core.server.canary import canary_check
@@ -342,7 +336,7 @@ def sync_server(ctx: StepContext, learner, adapter_dir: Path) -> dict[str, float
     version = adapter_version(ctx.step)
     server = RemoteEngine(ctx.server_url)
     server.load_adapter(adapter_uri(ctx, ctx.step), version)
-    result = canary_check(server, learner, version, expected_sha256=adapter_sha256(adapter_dir))
+    result = canary_check(server, reference, version, expected_sha256=adapter_sha256(adapter_dir))
     return {"canary/max_abs_diff": float(result.max_abs_diff), "canary/mean_abs_diff": float(result.mean_abs_diff)}
 
 

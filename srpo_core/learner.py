@@ -1,7 +1,13 @@
 """LoRA learner: the base model frozen, a peft LoRA adapter trained with AdamW on the loss of
 algos.py. Mini-batches of prompts give one optimizer step each (gradient accumulation over
-micro-batches inside), training log-probs use logits / rollout temperature, and device placement
-goes through accelerate, so the same code runs on a CPU and on GPUs.
+micro-batches inside), training log-probs use logits / rollout temperature.
+
+One process (CPU or one GPU) or several under torchrun: when a process group exists the model is
+sharded with FSDP2 (`distributed.shard_model`) and each mini-batch's sequences are split over the
+processes by `plan_micro_batches` (same number of micro-batches everywhere: an FSDP forward is a
+collective; a process short of work runs a zero-weight micro-batch). Micro-batches hold at most
+`micro_batch_sequences` sequences and, with `micro_batch_tokens`, at most that many padded tokens
+(sequences sorted by length so padding stays small).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from pathlib import Path
 import torch
 
 from srpo_core import algos
+from srpo_core import distributed as D
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -37,12 +44,11 @@ def load_tokenizer(path: str):
 
 class Learner:
     def __init__(self, model_path: str, lora, optim, dtype: str = "float32", temperature: float = 1.0, loss: str = "pg", loss_kwargs: dict | None = None, gradient_checkpointing: bool = False, adapter_path: str | None = None):
-        from accelerate import Accelerator
         from peft import LoraConfig as PeftLoraConfig
         from peft import PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank, self.world = D.world()
         self.tokenizer = load_tokenizer(model_path)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
         if gradient_checkpointing:
@@ -52,9 +58,9 @@ class Learner:
         else:
             target = lora.target_modules if lora.target_modules == "all-linear" else [m.strip() for m in lora.target_modules.split(",")]
             model = get_peft_model(base, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, task_type="CAUSAL_LM"))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(model, opt)
+        self.model = D.shard_model(model) if self.world > 1 else model.to(D.device())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         self.grad_clip = optim.grad_clip
         self.temperature = temperature
         self.loss_fn = algos.LOSSES[loss]
@@ -63,7 +69,7 @@ class Learner:
 
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        return D.device()
 
     def _tensors(self, seqs: list[TrainSequence]):
         """Right-padded ids [M, L] and, in next-token coordinates [M, L-1]: targets, active mask,
@@ -84,60 +90,100 @@ class Learner:
         dev = self.device
         return ids.to(dev), attn.to(dev), ids[:, 1:].to(dev), mask.to(dev), old.to(dev)
 
-    def update(self, seqs: list[TrainSequence], mini_batch_prompts: int, micro_batch_sequences: int, update_epochs: int = 1) -> dict[str, float]:
-        """One training step: mini-batches of prompts, one optimizer step each."""
+    def update(self, seqs: list[TrainSequence], mini_batch_prompts: int, micro_batch_sequences: int, update_epochs: int = 1, micro_batch_tokens: int = 0) -> dict[str, float]:
+        """One training step: mini-batches of prompts, one optimizer step each. Under a process
+        group every process gets all `seqs` and trains on its share."""
         self.model.train()
         prompts = sorted({s.prompt_index for s in seqs})
         minis = [set(prompts[i : i + mini_batch_prompts]) for i in range(0, len(prompts), mini_batch_prompts)]
-        losses, norms, tokens = [], [], 0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        sums = torch.zeros(3, dtype=torch.float64)  # loss summed over mini-batches, active tokens, micro-batches
+        norms = []
         for _ in range(update_epochs):
             for mini in minis:
                 batch = [s for s in seqs if s.prompt_index in mini]
                 live = [s for s in batch if s.advantage != 0.0]  # A = 0 contributes no gradient
+                if not live:
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for j in range(0, len(live), micro_batch_sequences):
-                    micro = live[j : j + micro_batch_sequences]
+                plan = plan_micro_batches([len(s.prompt_ids) + len(s.response_ids) for s in live], self.world, micro_batch_sequences, micro_batch_tokens)
+                mine = plan[self.rank]
+                for j, idx in enumerate(mine):
+                    micro = [live[i] for i in idx] or [live[0]]  # an empty slot: zero-weight work
+                    weight = self.world / len(batch) if idx else 0.0
+                    if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
+                        self.model.set_requires_gradient_sync(j == len(mine) - 1)
                     ids, attn, targets, mask, old = self._tensors(micro)
                     logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1]
                     logp = algos.token_logprobs(logits, targets, self.temperature)  # [M, L-1]
                     adv = torch.tensor([s.advantage for s in micro], device=logp.device)
-                    loss = self.loss_fn(logp, old, adv, mask, **self.loss_kwargs).sum() / len(batch)
-                    self.accelerator.backward(loss)
-                    total += float(loss.detach())
-                    tokens += int(mask.sum())
-                if live:
-                    norm = self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer_steps += 1
-                    norms.append(float(norm))
-                losses.append(total)
+                    loss = self.loss_fn(logp, old, adv, mask, **self.loss_kwargs).sum() * weight
+                    loss.backward()
+                    sums += torch.tensor([float(loss.detach()) / self.world, float(mask.sum()) if idx else 0.0, 1.0 if idx else 0.0], dtype=torch.float64)
+                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                self.optimizer.step()
+                self.optimizer_steps += 1
+                norms.append(float(D.full(norm)))
+        if self.world > 1:
+            dist_sums = sums.to(self.device)
+            torch.distributed.all_reduce(dist_sums)
+            sums = dist_sums.cpu()
         self.model.eval()
+        n_minis = len(minis) * update_epochs
         return {
-            "learner/loss": sum(losses) / max(len(losses), 1),
+            "learner/loss": float(sums[0]) / max(n_minis, 1),
             "learner/grad_norm": sum(norms) / len(norms) if norms else 0.0,
             "learner/optimizer_steps": float(len(norms)),
-            "learner/active_tokens": float(tokens),
+            "learner/active_tokens": float(sums[1]),
+            "learner/micro_batches": float(sums[2]),
             "learner/sequences": float(len(seqs)),
         }
 
     def save_adapter(self, path: str | Path) -> Path:
+        """peft's adapter directory (rank 0 writes it; every process must call this under FSDP)."""
         path = Path(path)
-        self.accelerator.unwrap_model(self.model).save_pretrained(str(path))
+        lora = {k: D.full(v).detach().cpu() for k, v in self.model.named_parameters() if v.requires_grad}
+        if self.rank == 0:
+            self.model.save_pretrained(str(path), state_dict=lora)
         return path
 
     def save_optimizer(self, path: str | Path) -> Path:
-        torch.save({"optimizer": self.optimizer.state_dict(), "optimizer_steps": self.optimizer_steps}, str(path))
+        """AdamW state keyed by parameter name, whole tensors: loadable with any process count."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            torch.save({"optimizer": state, "optimizer_steps": self.optimizer_steps}, str(path))
         return Path(path)
 
     def load_optimizer(self, path: str | Path) -> None:
-        state = torch.load(str(path), map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.optimizer_steps = int(state["optimizer_steps"])
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.named_parameters() if "lora_" in k}
+        return {k: D.full(v).detach().clone() for k, v in self.model.named_parameters() if "lora_" in k}
 
     def base_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.named_parameters() if "lora_" not in k}
+        return {k: D.full(v).detach().clone() for k, v in self.model.named_parameters() if "lora_" not in k}
 
+
+def plan_micro_batches(lengths: list[int], world: int, max_sequences: int, max_tokens: int = 0) -> list[list[list[int]]]:
+    """Micro-batches of sequence indices for each of `world` processes, the same count for all
+    (the short ones get empty slots). Sequences are taken longest first; a micro-batch holds at
+    most `max_sequences` and, if `max_tokens` > 0, at most `max_tokens` padded tokens
+    (size x longest; a longer single sequence goes alone). Micro-batches are dealt round-robin."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    micros: list[list[int]] = []
+    for i in order:
+        cur = micros[-1] if micros else None
+        fits = cur is not None and len(cur) < max_sequences and (max_tokens <= 0 or lengths[cur[0]] * (len(cur) + 1) <= max_tokens)
+        if fits:
+            cur.append(i)
+        else:
+            micros.append([i])
+    per_rank = -(-len(micros) // world) if micros else 0
+    plan = [micros[r::world] for r in range(world)]
+    return [p + [[] for _ in range(per_rank - len(p))] for p in plan]

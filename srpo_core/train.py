@@ -69,7 +69,7 @@ def train_step(session: Session, items, step: int, out_dir: Path | None = None) 
     result = pipeline.run_rollout_phases(session.engine, session.task, cfg, items, step)
     with pipeline.timed(result.timings, "learner"):
         seqs = pipeline.train_sequences(result.records)
-        result.metrics.update(session.learner.update(seqs, cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs))
+        result.metrics.update(session.learner.update(seqs, cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens))
     session.engine.adapter_version = f"step-{step + 1}"
     result.timings["step"] = time.perf_counter() - start
     result.metrics.update({f"time/{k}": v for k, v in result.timings.items()})

@@ -9,7 +9,7 @@ their heavy dependencies when used.
 
 from __future__ import annotations
 
-__all__ = ["CanaryResult", "ServerHandle", "ServerStartError", "StaleAdapterError", "adapter_sha256", "canary_check", "start_server"]
+__all__ = ["CanaryReference", "CanaryResult", "ServerHandle", "ServerStartError", "StaleAdapterError", "adapter_sha256", "canary_check", "canary_reference", "start_server"]
 
 
 def __getattr__(name: str):
@@ -17,7 +17,7 @@ def __getattr__(name: str):
         from srpo_core.server import launch
 
         return getattr(launch, name)
-    if name in ("canary_check", "StaleAdapterError", "CanaryResult"):
+    if name in ("canary_check", "canary_reference", "StaleAdapterError", "CanaryResult", "CanaryReference"):
         from srpo_core.server import canary
 
         return getattr(canary, name)

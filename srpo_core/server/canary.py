@@ -26,9 +26,9 @@ Tolerances (defaults by the lower precision of the two ends; the server reports 
       bench/gpu_smoke.py, which prints the measured diffs.
   float16: tol 5e-2, mean_tol 5e-3.
 
-The learner side runs the model in-process through `HFEngine.teacher_force` (a single process:
-the learner's model must not be FSDP-sharded; with FSDP call it on every rank, or score with a
-gathered copy on rank 0).
+The learner side is a `Learner` scored in-process through `HFEngine.teacher_force`, or a
+`CanaryReference`: the learner's scores computed where the learner ran (`canary_reference`, called
+on every process of an FSDP learner) and handed over, as the flow's learner step does.
 """
 
 from __future__ import annotations
@@ -83,6 +83,16 @@ def default_tolerance(*dtypes: str | None) -> tuple[float, float]:
     return TOLERANCES[worst]
 
 
+@dataclass(frozen=True)
+class CanaryReference:
+    """The learner's scores of the canary sequence (saved where the learner ran)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    dtype: str
+
+
 def _learner_engine(learner):
     """A RolloutEngine scoring with the learner's in-process model (or `learner` itself if it is one)."""
     from srpo_core.engine.base import RolloutEngine
@@ -91,23 +101,31 @@ def _learner_engine(learner):
         return learner, getattr(getattr(learner, "model", None), "dtype", None)
     from srpo_core.engine.hf import HFEngine
 
-    model = learner.model
-    acc = getattr(learner, "accelerator", None)
-    if acc is not None:
-        model = acc.unwrap_model(model)
-    return HFEngine(model, learner.tokenizer), next(model.parameters()).dtype
+    return HFEngine(learner.model, learner.tokenizer), next(p for p in learner.model.parameters() if not p.requires_grad).dtype
+
+
+def canary_reference(learner) -> CanaryReference:
+    """Score the default canary sequence with the learner (a collective under FSDP: call on every process)."""
+    ref, dtype = _learner_engine(learner)
+    vocab = getattr(getattr(ref.model, "config", None), "vocab_size", None)
+    prompt_ids, response_ids = canary_sequence(learner.tokenizer, vocab)
+    scores = ref.teacher_force([prompt_ids], [response_ids], 1.0)[0]
+    return CanaryReference(prompt_ids, response_ids, list(scores.logprobs), _dtype_name(dtype))
 
 
 def canary_check(server_engine, learner, version: str, tol: float | None = None, *, mean_tol: float | None = None, prompt_ids: list[int] | None = None, response_ids: list[int] | None = None, expected_sha256: str | None = None) -> CanaryResult:
     """Compare the server's log-probs for a fixed sequence (under `version`) with the learner's.
 
     `server_engine`: a RemoteEngine (or any RolloutEngine; a RemoteEngine is copied and pinned to
-    `version`, the caller's object is not changed). `learner`: a `Learner` (or a RolloutEngine used
-    as the reference). Raises StaleAdapterError on a mismatch; returns the measured diffs."""
+    `version`, the caller's object is not changed). `learner`: a `Learner`, a `CanaryReference`, or a
+    RolloutEngine used as the reference. Raises StaleAdapterError on a mismatch; returns the measured diffs."""
     from srpo_core.engine.remote import AdapterVersionError, RemoteEngine
 
     t0 = time.perf_counter()
-    ref, learner_dtype = _learner_engine(learner)
+    if isinstance(learner, CanaryReference):
+        prompt_ids, response_ids, learner_dtype = learner.prompt_ids, learner.response_ids, learner.dtype
+    else:
+        ref, learner_dtype = _learner_engine(learner)
     if prompt_ids is None or response_ids is None:
         tok = getattr(ref, "tokenizer", None) or getattr(learner, "tokenizer", None)
         vocab = getattr(getattr(getattr(ref, "model", None), "config", None), "vocab_size", None)
@@ -129,7 +147,7 @@ def canary_check(server_engine, learner, version: str, tol: float | None = None,
             raise StaleAdapterError(f"weight-sync canary: {exc}", version) from exc
     else:
         served = eng.teacher_force([prompt_ids], [response_ids], 1.0)[0]
-    own = ref.teacher_force([prompt_ids], [response_ids], 1.0)[0]
+    own = learner if isinstance(learner, CanaryReference) else ref.teacher_force([prompt_ids], [response_ids], 1.0)[0]
     d_tol, d_mean = default_tolerance(learner_dtype, server_dtype)
     tol = d_tol if tol is None else tol
     mean_tol = (d_mean if tol == d_tol else tol / 10) if mean_tol is None else mean_tol

@@ -1,0 +1,179 @@
+"""The learner over several processes: FSDP2 (`torch.distributed.fsdp.fully_shard`) data-parallel
+sharding, launched with torchrun, configured from the srpo YAML (`train.processes`).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 4 -m srpo_core.distributed REQUEST.json
+
+`learn(cfg, sequences, ...)` is what the flow's learner step calls: with one process it updates
+in-process, with more it writes a request file, runs this module under torchrun (one process per
+GPU, or gloo processes on a CPU) and reads the result back. Every process loads the base model,
+peft adds LoRA, and `shard_model` wraps each decoder layer and then the root in its own FSDP2 unit;
+parameters are sharded one by one (DTensor), so a bf16 base beside fp32 LoRA weights is fine:
+the mixed-precision policy all-gathers in the base dtype and reduces gradients in fp32.
+
+Sequences of a mini-batch are split over the processes by `Learner.update` (equal numbers of
+micro-batches per process, since an FSDP forward is a collective); each process's loss is scaled
+by world/len(batch) so the averaged gradient equals the single-process one. What is saved is
+process-count independent: the adapter as peft writes it, the optimizer state keyed by parameter
+name (`torch.distributed.checkpoint.state_dict`), so a run may resume with another `processes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the current process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...): NCCL on GPUs,
+    gloo on CPUs."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+        dist.init_process_group("nccl", device_id=device())
+    else:
+        dist.init_process_group("gloo")
+
+
+def resolve_processes(processes: int) -> int:
+    """`train.processes`: 0 means one per visible GPU (one on a machine without GPUs)."""
+    return processes if processes > 0 else max(torch.cuda.device_count(), 1)
+
+
+def layer_classes(model) -> set[str]:
+    """Class names of the decoder layers (transformers' `_no_split_modules`): one FSDP unit each."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(inner).__name__} does not name its decoder layers (_no_split_modules); cannot shard it with FSDP")
+    return names
+
+
+def shard_model(model):
+    """FSDP2 in place: each decoder layer its own unit, the rest (embeddings, final norm, lm_head) the
+    root unit. Frozen parameters in a lower precision set the all-gather dtype; gradients reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad} or {torch.float32}
+    compute = min(frozen, key=lambda d: torch.finfo(d).bits)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != torch.float32 else MixedPrecisionPolicy()
+    names = layer_classes(model)
+    dev = device()
+    for module in model.modules():
+        if type(module).__name__ in names:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model.to(dev) if dev.type == "cuda" else model
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter or value; a collective under FSDP."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ---- the learner step: in-process or under torchrun --------------------------------------------
+
+
+def _learner(cfg, adapter_dir: Path | None):
+    from srpo_core.learner import Learner
+    from srpo_core.tiny.build import resolve_model_path
+
+    return Learner(resolve_model_path(cfg.model.name_or_path), cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, loss=cfg.loss.loss, loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip}, gradient_checkpointing=cfg.train.gradient_checkpointing, adapter_path=str(adapter_dir / "adapter") if adapter_dir else None)
+
+
+def update_and_save(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed: int, canary_path: Path | None = None) -> dict[str, float]:
+    """Load the learner (from `parent_dir`'s adapter and optimizer if given), one training step,
+    save `out_dir/adapter` and `out_dir/optimizer.pt`; with `canary_path`, the learner's scores of
+    the canary sequence for the inference server's weight-sync check. Runs on every process."""
+    import time
+
+    from srpo_core.server.canary import canary_reference
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    learner = _learner(cfg, parent_dir)
+    if parent_dir is not None:
+        learner.load_optimizer(parent_dir / "optimizer.pt")
+    metrics = learner.update(sequences, cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens)
+    metrics["time/learner"] = time.perf_counter() - start
+    metrics["learner/processes"] = float(world()[1])
+    learner.save_adapter(out_dir / "adapter")
+    learner.save_optimizer(out_dir / "optimizer.pt")
+    if canary_path is not None:
+        ref = canary_reference(learner)
+        if world()[0] == 0:
+            canary_path.write_text(json.dumps(asdict(ref)))
+    return metrics
+
+
+def learn(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed: int, canary_path: Path | None = None) -> dict[str, float]:
+    """The learner step of the flow: `update_and_save` in this process when `train.processes`
+    resolves to 1, else under torchrun with that many processes (this process waits)."""
+    n = resolve_processes(cfg.train.processes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if n == 1:
+        return update_and_save(cfg, sequences, parent_dir, out_dir, seed, canary_path)
+    with tempfile.TemporaryDirectory(prefix="srpo-learner-") as tmp:
+        request = Path(tmp) / "request.json"
+        result = Path(tmp) / "metrics.json"
+        request.write_text(json.dumps({
+            "config": cfg.to_dict(), "sequences": [asdict(s) for s in sequences], "seed": seed,
+            "parent_dir": str(parent_dir) if parent_dir else None, "out_dir": str(out_dir),
+            "canary_path": str(canary_path) if canary_path else None, "metrics_path": str(result),
+        }))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "srpo_core.distributed", str(request)]
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(cfg.model.threads, 1)))
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the learner failed under torchrun with {n} processes (exit {proc.returncode}); each process's traceback is in the log above. Command: {' '.join(cmd)}")
+        return json.loads(result.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point, one per process under torchrun: `python -m srpo_core.distributed REQUEST.json`."""
+    from srpo_core.config import from_dict
+    from srpo_core.learner import TrainSequence
+    from srpo_core.train import set_threads
+
+    (path,) = argv if argv is not None else sys.argv[1:]
+    req = json.loads(Path(path).read_text())
+    cfg = from_dict(req["config"])
+    set_threads(cfg)
+    init_from_env()
+    try:
+        seqs = [TrainSequence(**s) for s in req["sequences"]]
+        parent = Path(req["parent_dir"]) if req["parent_dir"] else None
+        canary = Path(req["canary_path"]) if req["canary_path"] else None
+        metrics = update_and_save(cfg, seqs, parent, Path(req["out_dir"]), req["seed"], canary)
+        if world()[0] == 0:
+            Path(req["metrics_path"]).write_text(json.dumps(metrics))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
