@@ -1,6 +1,7 @@
 """The flow with the inference-server option: the training starts a server per epoch step, the
 phase steps call it, each new adapter is hot-loaded and checked by the canary, and every rollout
-records the adapter version it was sampled with."""
+records the adapter version it was sampled with. The learner step runs as 2 FSDP processes under
+torchrun, and the canary compares the server with what those processes computed."""
 
 import json
 import os
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_flow_with_inference_server(tmp_path, tiny_model_path):
     art = tmp_path / "art"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_flow(tmp_path, flow_env(tmp_path, str(art), uri), steps=2, set=quick_set(tiny_model_path, "rollout.server_url=auto eval.every_steps=0"), training_id="tiny-server", quiet_steps=True)
+    run_flow(tmp_path, flow_env(tmp_path, str(art), uri), steps=2, set=quick_set(tiny_model_path, "rollout.server_url=auto eval.every_steps=0 train.processes=2"), training_id="tiny-server", quiet_steps=True)
     store = S.open_store(str(art))
     for step, version in ((0, "base"), (1, "step-1")):
         rows = [json.loads(l) for l in store.get_bytes(f"{S.step_prefix('tiny-server', step)}/rollouts.jsonl").decode().splitlines()]
@@ -27,6 +28,8 @@ def test_flow_with_inference_server(tmp_path, tiny_model_path):
     client, r = mlflow_run(uri, "tiny-server")
     canary = client.get_metric_history(r.info.run_id, "canary/max_abs_diff")
     assert sorted(m.step for m in canary) == [0, 1] and all(m.value <= 1e-4 for m in canary)
+    procs = client.get_metric_history(r.info.run_id, "learner/processes")
+    assert sorted(m.step for m in procs) == [0, 1] and all(m.value == 2 for m in procs)
 
 
 def test_unreachable_server_fails_before_any_phase(tmp_path, tiny_model_path):

@@ -85,11 +85,11 @@ def test_multigpu_server_and_learner_use_the_allocations_gpus(slurm_cluster, tmp
     assert log == tmp_path / "logs" / f"srpo-train-mgpu-{job}.out"
     flow = read_invocation(tmp_path, f"srpo-train-mgpu-{job}")
     assert flow["env"]["CUDA_VISIBLE_DEVICES"] == "0,1" and flow["env"]["SLURM_GPUS_ON_NODE"] == "2"
-    assert flow["env"]["SRPO_TENSOR_PARALLEL_SIZE"] == "2" and "--num_processes 2 " in flow["env"]["SRPO_LEARNER_LAUNCH"]
+    assert flow["env"]["SRPO_TENSOR_PARALLEL_SIZE"] == "2"
     assert flow["inference_ready_status"] == 200, "the flow starts once the server is ready"
     assert "--tensor-parallel-size 2" in text and f"--model {tiny_args[3].split()[0].split('=', 1)[1]}" in text
     sets = flow["argv"][flow["argv"].index("--set") + 1]
-    assert sets.endswith(f"rollout.server_url={flow['env']['SRPO_INFERENCE_URL']}"), "the flow generates through the server"
+    assert sets.endswith(f"rollout.server_url={flow['env']['SRPO_INFERENCE_URL']} train.processes=2"), "the flow generates through the server, learns on both GPUs"
     server_log = (tmp_path / "logs" / f"srpo-train-mgpu-{job}.server.log").read_text()
     assert "listening on" in server_log, server_log[-2000:]
     pid = int(re.search(r"inference server pid (\d+)", text).group(1))
