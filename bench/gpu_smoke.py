@@ -7,9 +7,10 @@ Builds a small model of a real architecture from a config (Qwen2: GQA, untied-ca
 random weights, the package's character tokenizer), then for each engine: start the inference
 server (`start_server`), load adapter v1 (saved by an in-process LoRA learner), run the
 weight-sync canary, sample rollouts, take one learner step, save and hot-load v2, canary again,
-and check that the canary flags the now-stale v1. Prints a timing table, the measured canary
-diffs (use them to calibrate the bf16 tolerance, see srpo_core/server/canary.py) and writes
-`--out/gpu_smoke.json`.
+and check that the canary flags the now-stale v1. With several GPUs (or `--learner-processes N`),
+one learner step of the flow's multi-process path too (`distributed.learn`: FSDP2 under torchrun,
+NCCL), with its canary reference. Prints a timing table, the measured canary diffs (use them to
+calibrate the bf16 tolerance, see srpo_core/server/canary.py) and writes `--out/gpu_smoke.json`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--n", type=int, default=8, help="rollouts per prompt")
     p.add_argument("--max-thought-tokens", type=int, default=32)
+    p.add_argument("--learner-processes", type=int, default=0, help="FSDP learner processes (0: every GPU when there are 2 or more, else skipped)")
     p.add_argument("--out", default=None, help="output dir (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -123,6 +125,35 @@ def run_engine(kind: str, model_path: Path, learner, args, dtype_name: str, devi
     return res
 
 
+def fsdp_step(model_path: Path, learner, engine, args, dtype_name: str, processes: int, work: Path, timer: Timer) -> dict:
+    """One learner step through the flow's path with `processes` FSDP2 processes, from v1 of the
+    in-process learner, compared with the in-process learner taking the same step."""
+    import torch
+
+    from srpo_core.config import load_config
+    from srpo_core.distributed import learn
+    from srpo_core.engine.base import SamplingParams, ThoughtLimits, ThoughtRequest
+    from srpo_core.learner import TrainSequence
+
+    limits = ThoughtLimits(max_thoughts=4, max_thought_tokens=args.max_thought_tokens, max_response_tokens=4 * args.max_thought_tokens, max_model_len=1024)
+    prompts = [engine.encode(f"Q:{i}*{i + 5}-{i % 3}|") for i in range(8)]
+    out = engine.generate_thoughts([ThoughtRequest(tuple(p), n=4) for p in prompts], limits, SamplingParams(temperature=1.0, seed=7))
+    seqs = [TrainSequence(r.prompt_ids, r.response_ids, 0, 1.0 if k % 2 else -1.0, r.logprobs, i) for i, g in enumerate(out) for k, r in enumerate(g)]
+    start = work / "fsdp-start"
+    learner.save_adapter(start / "adapter")
+    learner.save_optimizer(start / "optimizer.pt")
+    cfg = load_config("tiny", {"model.name_or_path": str(model_path), "model.dtype": dtype_name, "model.threads": 0, "lora.r": args.lora_r, "lora.alpha": 2 * args.lora_r, "optim.lr": 1e-3, "train.processes": processes, "train.mini_batch_prompts": 8, "train.prompts_per_step": 8})
+    metrics = timer(f"fsdp x{processes}", "learner step (torchrun)", lambda: learn(cfg, seqs, start, work / "fsdp-out", 0, canary_path=work / "fsdp-canary.json"), lambda m: f"loss={m['learner/loss']:.3g} grad_norm={m['learner/grad_norm']:.3g}")
+    single = learner.update(seqs, 8, 16)
+    from safetensors.torch import load_file
+
+    theirs = load_file(str(work / "fsdp-out" / "adapter" / "adapter_model.safetensors"))
+    mine = {k.replace(".default", ""): v.detach().float().cpu() for k, v in learner.lora_state().items()}
+    diff = max((theirs[k].float() - mine[k]).abs().max().item() for k in theirs)
+    print(f"  [fsdp x{processes}] max |LoRA(FSDP) - LoRA(one process)| after the same step: {diff:.2e}; grad_norm {metrics['learner/grad_norm']:.4g} vs {single['learner/grad_norm']:.4g}")
+    return {"engine": f"fsdp x{processes}", "metrics": metrics, "lora_max_abs_diff_vs_single": diff, "single_grad_norm": single["learner/grad_norm"]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
@@ -151,6 +182,9 @@ def main(argv=None) -> int:
     warm_limits = ThoughtLimits(max_thoughts=2, max_thought_tokens=16, max_response_tokens=32, max_model_len=256)
     timer("-", "first learner step", lambda: train_step(learner, local, [local.encode(f"Q:{i}+{i}|") for i in range(4)], warm_limits, 0))
     results = [run_engine(kind, path, learner, args, dtype_name, device, work, timer) for kind in engines]
+    procs = args.learner_processes or (torch.cuda.device_count() if device == "cuda" and torch.cuda.device_count() > 1 else 0)
+    if procs > 1:
+        results.append(fsdp_step(path, learner, local, args, dtype_name, procs, work, timer))
     if device == "cuda":
         print(f"peak GPU memory (this process): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print("\n| engine | step | seconds | note |\n|---|---|---|---|")

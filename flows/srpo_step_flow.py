@@ -99,7 +99,7 @@ class SRPOStepFlow(FlowSpec):
         self.next(self.learner)
 
     @timeout(minutes=config.resources.learner.timeout_minutes)
-    @resources(cpu=config.resources.learner.cpu, gpu=config.resources.learner.gpu, memory=config.resources.learner.memory)
+    @resources(cpu=config.resources.learner.cpu, gpu=config.resources.learner.gpu, memory=config.resources.learner.memory, shared_memory=config.resources.learner.shared_memory)
     @step
     def learner(self):
         from srpo_core.epoch import phase_learn

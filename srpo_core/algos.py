@@ -63,9 +63,24 @@ def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"pg": pg_loss, "clip": clipped_surrogate_loss}
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature) at the targets. logits [N, T, V], targets [N, T] -> [N, T]."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_tokens: int = 0) -> torch.Tensor:
+    """log softmax(logits / temperature) at the targets. logits [N, T, V], targets [N, T] -> [N, T].
+
+    chunk_tokens > 0: over slices of positions holding about that many tokens (N x slice), each
+    recomputed in backward (activation checkpointing), so the float32 softmax of only one slice is
+    alive at a time and what stays saved is the logits themselves (2 bytes/vocab entry in bf16
+    instead of ~14 for the whole [N, T, V] float32 chain). Same values and gradients."""
+    if chunk_tokens <= 0:
+        return _token_logprobs(logits, targets, temperature)
+    from torch.utils.checkpoint import checkpoint
+
+    width = max(1, chunk_tokens // max(logits.shape[0], 1))
+    parts = [checkpoint(_token_logprobs, logits[:, i : i + width], targets[:, i : i + width], temperature, use_reentrant=False) for i in range(0, logits.shape[1], width)]
+    return torch.cat(parts, 1) if parts else _token_logprobs(logits, targets, temperature)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # [N, T, V]
     return torch.log_softmax(scaled, -1).gather(-1, targets[..., None])[..., 0]
 
 

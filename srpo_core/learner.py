@@ -20,6 +20,7 @@ import torch
 from srpo_core import algos
 from srpo_core import distributed as D
 
+LOGPROB_CHUNK_TOKENS = 1024  # algos.token_logprobs: the float32 softmax of ~1k tokens at a time (docs/memory.md)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -72,8 +73,9 @@ class Learner:
         return D.device()
 
     def _tensors(self, seqs: list[TrainSequence]):
-        """Right-padded ids [M, L] and, in next-token coordinates [M, L-1]: targets, active mask,
-        old log-probs."""
+        """Right-padded ids [M, L]; in next-token coordinates from the first trained position `s0`
+        on ([M, L-1-s0]): targets, active mask, old log-probs; and K = L - s0, the positions whose
+        logits are needed (prompt and reset-prefix logits are never computed)."""
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in seqs)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -87,8 +89,9 @@ class Learner:
             old[i, start : start + len(s.old_logprobs)] = torch.tensor(s.old_logprobs)
         p = torch.tensor([len(s.prompt_ids) for s in seqs])
         mask = algos.response_mask(p + torch.tensor([s.prefix_len for s in seqs]) - 1, p + torch.tensor([len(s.response_ids) for s in seqs]) - 1, width - 1)
+        s0 = min(len(s.prompt_ids) + s.prefix_len - 1 for s in seqs)
         dev = self.device
-        return ids.to(dev), attn.to(dev), ids[:, 1:].to(dev), mask.to(dev), old.to(dev)
+        return ids.to(dev), attn.to(dev), ids[:, 1 + s0 :].to(dev), mask[:, s0:].to(dev), old[:, s0:].to(dev), width - s0
 
     def update(self, seqs: list[TrainSequence], mini_batch_prompts: int, micro_batch_sequences: int, update_epochs: int = 1, micro_batch_tokens: int = 0) -> dict[str, float]:
         """One training step: mini-batches of prompts, one optimizer step each. Under a process
@@ -113,9 +116,9 @@ class Learner:
                     weight = self.world / len(batch) if idx else 0.0
                     if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
                         self.model.set_requires_gradient_sync(j == len(mine) - 1)
-                    ids, attn, targets, mask, old = self._tensors(micro)
-                    logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-                    logp = algos.token_logprobs(logits, targets, self.temperature)  # [M, L-1]
+                    ids, attn, targets, mask, old, keep = self._tensors(micro)
+                    logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]  # [M, K-1, V]
+                    logp = algos.token_logprobs(logits, targets, self.temperature, LOGPROB_CHUNK_TOKENS)  # [M, K-1]
                     adv = torch.tensor([s.advantage for s in micro], device=logp.device)
                     loss = self.loss_fn(logp, old, adv, mask, **self.loss_kwargs).sum() * weight
                     loss.backward()

@@ -20,7 +20,7 @@ from srpo_core import store as S
 from srpo_core.config import Config, ConfigError, from_dict, load_config
 
 PHASES = ("generation", "localization", "suffix", "learner", "evaluation", "verification")
-DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120}
+DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120, "shared_memory": None}  # shared_memory: MB of /dev/shm (Kubernetes)
 STEP_FLOW = Path(__file__).resolve().parent.parent / "flows" / "srpo_step_flow.py"
 
 

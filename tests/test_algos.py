@@ -108,3 +108,26 @@ def test_token_logprobs_at_temperature():
     logits = torch.tensor([[[2.0, 0.0]]])
     lp = algos.token_logprobs(logits, torch.tensor([[0]]), temperature=0.5)
     assert lp.item() == pytest.approx(math.log(math.exp(4) / (math.exp(4) + 1)), abs=1e-6)
+
+
+def test_chunked_logprobs_same_numbers_and_only_the_logits_kept_for_backward():
+    """Slices recomputed in backward: values and gradients identical to the one-shot computation,
+    and what autograd keeps is the bf16 logits (2 bytes per entry), not the float32 softmax (4)."""
+    torch.manual_seed(0)
+    n, t, v = 4, 64, 1000
+    logits, targets = torch.randn(n, t, v, dtype=torch.bfloat16), torch.randint(0, v, (n, t))
+
+    def run(chunk):
+        x = logits.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s.numel() * s.element_size()) or s, lambda s: s):
+            lp = algos.token_logprobs(x, targets, 0.7, chunk)
+        (lp * torch.linspace(-1, 1, t)).sum().backward()
+        return lp, x.grad, sum(saved)
+
+    lp, grad, saved = run(0)
+    lp_c, grad_c, saved_c = run(32)  # 8 positions x 4 rows per slice
+    assert torch.equal(lp, lp_c) and torch.equal(grad, grad_c)
+    logits_bytes, targets_bytes = n * t * v * 2, n * t * 8
+    assert saved >= 2 * logits_bytes  # the [N, T, V] float32 log-softmax
+    assert saved_c <= logits_bytes + targets_bytes

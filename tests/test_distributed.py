@@ -79,6 +79,26 @@ def _one_update(cfg, seqs, **kw):
     return _delta(learner.lora_state(), before), metrics
 
 
+def test_update_is_the_gradient_of_the_loss_written_out(tiny_model_path):
+    """Against eq. 4.3 computed one sequence at a time with full logits, no masks and no padding:
+    L = -(1/N) sum_i A_i * mean over trained tokens of log pi (N: the mini-batch's sequences)."""
+    cfg, seqs = _cfg(tiny_model_path, **{"optim.grad_clip": 1e9, "optim.weight_decay": 0.0}), _sequences()
+    delta, _ = _one_update(cfg, seqs, micro_batch_sequences=3)  # SGD lr 1, no clipping: -gradient
+    torch.manual_seed(0)
+    learner = Learner(cfg.model.name_or_path, cfg.lora, cfg.optim, dtype=cfg.model.dtype)
+    loss = 0.0
+    for s in seqs:
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        logp = torch.log_softmax(learner.model(input_ids=ids).logits[0].float() / cfg.rollout.temperature, -1)
+        trained = range(len(s.prompt_ids) + s.prefix_len, len(s.prompt_ids) + len(s.response_ids))
+        loss = loss - s.advantage * torch.stack([logp[t - 1, ids[0, t]] for t in trained]).mean() / len(seqs)
+    loss.backward()
+    grads = {n: p.grad for n, p in learner.model.named_parameters() if p.requires_grad}
+    expected = -torch.cat([grads[k].flatten() for k in sorted(grads)])
+    assert expected.abs().max() > 1e-2
+    assert (delta - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_token_budget_and_checkpointing_leave_the_update_unchanged(tiny_model_path):
     cfg, seqs = _cfg(tiny_model_path), _sequences()
     ref, m_ref = _one_update(cfg, seqs, micro_batch_sequences=64)

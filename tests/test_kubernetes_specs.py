@@ -43,4 +43,9 @@ def test_argo_compile_of_paper_preset(tmp_path, s3_server, s3_bucket):
     for name in ("generate", "verify", "localize", "suffix", "verify-suffix"):
         assert templates[name]["retryStrategy"]["limit"] == 1, name
     assert templates["learner"]["activeDeadlineSeconds"] == 240 * 60
+    # the FSDP processes of the learner talk through /dev/shm: a memory-backed volume of the preset's size
+    shm = [v for v in templates["learner"].get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"]
+    assert [v["emptyDir"]["sizeLimit"] for v in shm] == [f"{res['learner']['shared_memory']}Mi"]
+    mounts = {m["name"]: m["mountPath"] for m in templates["learner"]["container"].get("volumeMounts", [])}
+    assert mounts[shm[0]["name"]] == "/dev/shm"
     assert templates["generate"]["activeDeadlineSeconds"] == 120 * 60

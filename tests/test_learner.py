@@ -81,7 +81,13 @@ def test_prefix_tokens_get_no_gradient(session):
     from srpo_core.learner import TrainSequence
 
     seq = TrainSequence(ids, resp, 6, 1.0, [-0.5] * (len(resp) - 6), 0)
-    full, attn, targets, mask, old = learner._tensors([seq])
-    p = len(ids)
-    assert mask[0].nonzero()[:, 0].tolist() == list(range(p + 6 - 1, p + len(resp) - 1))
-    assert old[0, p + 6 - 1 : p + len(resp) - 1].tolist() == pytest.approx([-0.5] * (len(resp) - 6))
+    full, attn, targets, mask, old, keep = learner._tensors([seq])
+    p, s0 = len(ids), len(ids) + 6 - 1  # s0: the first trained next-token position
+    assert keep == p + len(resp) - s0 and targets[0].tolist() == resp[6:]
+    assert mask[0].nonzero()[:, 0].tolist() == list(range(len(resp) - 6))
+    assert old[0].tolist() == pytest.approx([-0.5] * (len(resp) - 6))
+    # logits of the kept positions only: the same numbers as the full forward's
+    with torch.no_grad():
+        whole = learner.model(input_ids=full, attention_mask=attn).logits[:, s0:-1]
+        kept = learner.model(input_ids=full, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
+    assert kept.shape == whole.shape and torch.allclose(kept, whole, atol=1e-6)
