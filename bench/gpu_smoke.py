@@ -128,8 +128,6 @@ def run_engine(kind: str, model_path: Path, learner, args, dtype_name: str, devi
 def fsdp_step(model_path: Path, learner, engine, args, dtype_name: str, processes: int, work: Path, timer: Timer) -> dict:
     """One learner step through the flow's path with `processes` FSDP2 processes, from v1 of the
     in-process learner, compared with the in-process learner taking the same step."""
-    import torch
-
     from srpo_core.config import load_config
     from srpo_core.distributed import learn
     from srpo_core.engine.base import SamplingParams, ThoughtLimits, ThoughtRequest

@@ -95,24 +95,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
 # ---- the learner step: in-process or under torchrun --------------------------------------------
 
 
-def _learner(cfg, adapter_dir: Path | None):
-    from srpo_core.learner import Learner
-    from srpo_core.tiny.build import resolve_model_path
-
-    return Learner(resolve_model_path(cfg.model.name_or_path), cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, loss=cfg.loss.loss, loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip}, gradient_checkpointing=cfg.train.gradient_checkpointing, adapter_path=str(adapter_dir / "adapter") if adapter_dir else None)
-
-
 def update_and_save(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed: int, canary_path: Path | None = None) -> dict[str, float]:
     """Load the learner (from `parent_dir`'s adapter and optimizer if given), one training step,
     save `out_dir/adapter` and `out_dir/optimizer.pt`; with `canary_path`, the learner's scores of
     the canary sequence for the inference server's weight-sync check. Runs on every process."""
     import time
 
+    from srpo_core.learner import learner_from_config
     from srpo_core.server.canary import canary_reference
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    learner = _learner(cfg, parent_dir)
+    learner = learner_from_config(cfg, str(parent_dir / "adapter") if parent_dir else None)
     if parent_dir is not None:
         learner.load_optimizer(parent_dir / "optimizer.pt")
     metrics = learner.update(sequences, cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens)

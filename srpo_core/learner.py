@@ -173,6 +173,13 @@ class Learner:
         return {k: D.full(v).detach().clone() for k, v in self.model.named_parameters() if "lora_" not in k}
 
 
+def learner_from_config(cfg, adapter_path: str | None = None) -> Learner:
+    """The learner a config describes (model, LoRA, optimizer, loss, rollout temperature)."""
+    from srpo_core.tiny.build import resolve_model_path
+
+    return Learner(resolve_model_path(cfg.model.name_or_path), cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, loss=cfg.loss.loss, loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip}, gradient_checkpointing=cfg.train.gradient_checkpointing, adapter_path=adapter_path)
+
+
 def plan_micro_batches(lengths: list[int], world: int, max_sequences: int, max_tokens: int = 0) -> list[list[list[int]]]:
     """Micro-batches of sequence indices for each of `world` processes, the same count for all
     (the short ones get empty slots). Sequences are taken longest first; a micro-batch holds at

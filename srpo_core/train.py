@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,15 +49,17 @@ def set_threads(cfg: Config) -> None:
 def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
     import torch
 
+    from srpo_core.distributed import resolve_processes
     from srpo_core.engine.hf import HFEngine
-    from srpo_core.learner import Learner
+    from srpo_core.learner import learner_from_config
     from srpo_core.tasks import get_task
 
     set_threads(cfg)
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    path = resolve_model_path(cfg.model.name_or_path)
-    learner = Learner(path, cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, loss=cfg.loss.loss, loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip}, gradient_checkpointing=cfg.train.gradient_checkpointing, adapter_path=adapter_path)
+    if resolve_processes(cfg.train.processes) > 1:
+        print(f"note: this in-process loop trains with one learner process; train.processes={cfg.train.processes} applies to the flow's learner step (python flows/srpo_flow.py run)", file=sys.stderr)
+    learner = learner_from_config(cfg, adapter_path)
     learner.model.eval()
     engine = HFEngine(learner.model, learner.tokenizer, adapter_version="step-0")
     return Session(cfg, learner, engine, get_task(cfg.data.task))
