@@ -139,10 +139,28 @@ def learn(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed: int, can
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "srpo_core.distributed", str(request)]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(cfg.model.threads, 1)))
-        proc = subprocess.run(cmd, env=env)
+        proc = subprocess.run(cmd, env=env, preexec_fn=_dies_with(os.getpid()))
         if proc.returncode != 0:
             raise RuntimeError(f"the learner failed under torchrun with {n} processes (exit {proc.returncode}); each process's traceback is in the log above. Command: {' '.join(cmd)}")
         return json.loads(result.read_text())
+
+
+def _dies_with(parent: int):
+    """preexec_fn: on Linux the child gets SIGTERM when `parent` dies (PR_SET_PDEATHSIG), so a
+    killed learner step leaves no torchrun agent behind; the agent's SIGTERM handler stops its
+    workers (and their GPU memory) before a retry or a resume starts new ones."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def set_death_signal() -> None:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return set_death_signal
 
 
 def main(argv: list[str] | None = None) -> int:

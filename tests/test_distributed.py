@@ -5,6 +5,7 @@ leave the update unchanged; a failing worker is reported."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,45 @@ def test_a_failing_worker_is_reported(tiny_model_path, tmp_path):
     cfg = _cfg(tiny_model_path, **{"train.processes": 2})
     with pytest.raises(RuntimeError, match="torchrun with 2 processes"):
         learn(cfg, _sequences(), tmp_path / "no-such-checkpoint", tmp_path / "out", 0)
+
+
+def test_a_killed_learner_step_leaves_no_processes(tiny_model_path, tmp_path):
+    """kill -9 of the step process while torchrun's workers train: agent and workers go too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\nfrom pathlib import Path\nfrom srpo_core.config import load_config\nfrom srpo_core.distributed import learn\n"
+        "from tests.test_distributed import _sequences\n"
+        f"cfg = load_config('tiny', {{'model.name_or_path': {tiny_model_path!r}, 'train.processes': 2, 'train.update_epochs': 10000}})\n"
+        f"learn(cfg, _sequences(), None, Path({str(tmp_path / 'out')!r}), 0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(driver)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the agent and both workers are up and training
+            family = psutil.Process(proc.pid).children(recursive=True)
+            if sum("srpo_core.distributed" in " ".join(c.cmdline()) for c in family if c.is_running()) >= 3:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the torchrun workers did not start: {[c.cmdline() for c in family]}")
+        time.sleep(2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        gone, alive = psutil.wait_procs(family, timeout=60)
+        assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+    finally:
+        for c in [*family, proc]:
+            try:
+                c.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
