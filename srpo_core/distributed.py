@@ -79,12 +79,11 @@ def shard_model(model):
     compute = min(frozen, key=lambda d: torch.finfo(d).bits)
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != torch.float32 else MixedPrecisionPolicy()
     names = layer_classes(model)
-    dev = device()
-    for module in model.modules():
+    for module in model.modules():  # fully_shard moves each unit's parameters and buffers to the GPU
         if type(module).__name__ in names:
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    return model.to(dev) if dev.type == "cuda" else model
+    return model
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
