@@ -91,6 +91,22 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def peak_memory() -> dict[str, float]:
+    """The step's peak memory, the largest over the processes: allocated GPU memory on CUDA, else
+    the resident set size (Linux; this process's lifetime peak)."""
+    import resource
+
+    if torch.cuda.is_available():
+        name, value = "learner/peak_gpu_memory_gb", torch.cuda.max_memory_allocated() / 1e9
+    else:
+        name, value = "learner/peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    if world()[1] > 1:
+        t = torch.tensor([value], dtype=torch.float64, device=device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        value = float(t.item())
+    return {name: value}
+
+
 # ---- the learner step: in-process or under torchrun --------------------------------------------
 
 
@@ -111,6 +127,7 @@ def update_and_save(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed
     metrics = learner.update(sequences, cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens)
     metrics["time/learner"] = time.perf_counter() - start
     metrics["learner/processes"] = float(world()[1])
+    metrics.update(peak_memory())
     learner.save_adapter(out_dir / "adapter")
     learner.save_optimizer(out_dir / "optimizer.pt")
     if canary_path is not None:

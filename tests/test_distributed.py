@@ -133,6 +133,7 @@ def runs(tiny_model_path, tmp_path_factory):
 def test_two_fsdp_processes_match_one(runs):
     root, m = runs
     assert m["1"]["learner/processes"] == 1 and m["2"]["learner/processes"] == 2
+    assert 0.1 < m["2"]["learner/peak_rss_gb"] < 8  # a torch process with the tiny model, per process
     for key in ("learner/loss", "learner/grad_norm"):
         assert m["2"][key] == pytest.approx(m["1"][key], rel=1e-5)
     for key in ("learner/active_tokens", "learner/micro_batches", "learner/optimizer_steps"):
