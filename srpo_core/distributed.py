@@ -140,6 +140,10 @@ def update_and_save(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed
 def learn(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed: int, canary_path: Path | None = None) -> dict[str, float]:
     """The learner step of the flow: `update_and_save` in this process when `train.processes`
     resolves to 1, else under torchrun with that many processes (this process waits)."""
+    if parent_dir is not None:
+        for need in ("adapter/adapter_config.json", "optimizer.pt"):
+            if not (parent_dir / need).exists():
+                raise FileNotFoundError(f"{parent_dir / need}: the checkpoint to continue from is incomplete (needs adapter/ and optimizer.pt)")
     n = resolve_processes(cfg.train.processes)
     out_dir.mkdir(parents=True, exist_ok=True)
     if n == 1:
@@ -179,6 +183,14 @@ def _dies_with(parent: int):
     return set_death_signal
 
 
+def _record(fn):
+    """torchrun's `record`: a failing process's exception goes into the agent's failure summary."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)
+
+
+@_record
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point, one per process under torchrun: `python -m srpo_core.distributed REQUEST.json`."""
     from srpo_core.config import from_dict

@@ -173,10 +173,18 @@ def test_bf16_base_with_fp32_lora_under_fsdp(tiny_model_path, tmp_path):
     assert torch.nn.functional.cosine_similarity(da, db, dim=0) > 0.999
 
 
-def test_a_failing_worker_is_reported(tiny_model_path, tmp_path):
+def test_a_failing_worker_is_reported(tiny_model_path, tmp_path, capfd):
     cfg = _cfg(tiny_model_path, **{"train.processes": 2})
+    with pytest.raises(FileNotFoundError, match="no-such-checkpoint/adapter/adapter_config.json"):
+        learn(cfg, _sequences(), tmp_path / "no-such-checkpoint", tmp_path / "out", 0)  # before any launch
+    broken = tmp_path / "broken"
+    (broken / "adapter").mkdir(parents=True)
+    (broken / "adapter" / "adapter_config.json").write_text("{}")
+    (broken / "optimizer.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="torchrun with 2 processes"):
-        learn(cfg, _sequences(), tmp_path / "no-such-checkpoint", tmp_path / "out", 0)
+        learn(cfg, _sequences(), broken, tmp_path / "out", 0)
+    err = capfd.readouterr().err
+    assert "Root Cause" in err and "in update_and_save" in err  # the worker's own traceback, in torchrun's summary
 
 
 def test_a_killed_learner_step_leaves_no_processes(tiny_model_path, tmp_path):
