@@ -145,6 +145,8 @@ def learn(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed: int, can
             if not (parent_dir / need).exists():
                 raise FileNotFoundError(f"{parent_dir / need}: the checkpoint to continue from is incomplete (needs adapter/ and optimizer.pt)")
     n = resolve_processes(cfg.train.processes)
+    if torch.cuda.is_available() and n > torch.cuda.device_count():
+        raise ValueError(f"train.processes={cfg.train.processes}: {n} learner processes but {torch.cuda.device_count()} visible GPUs (NCCL needs one GPU per process)")
     out_dir.mkdir(parents=True, exist_ok=True)
     if n == 1:
         return update_and_save(cfg, sequences, parent_dir, out_dir, seed, canary_path)

@@ -227,3 +227,10 @@ def test_a_killed_learner_step_leaves_no_processes(tiny_model_path, tmp_path):
                 c.kill()
             except (psutil.NoSuchProcess, ProcessLookupError):
                 pass
+
+
+def test_more_processes_than_gpus_is_refused(tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="train.processes=3: 3 learner processes but 2 visible GPUs"):
+        learn(_cfg(tiny_model_path, **{"train.processes": 3}), _sequences(), None, tmp_path / "out", 0)
