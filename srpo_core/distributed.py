@@ -5,8 +5,9 @@ sharding, launched with torchrun, configured from the srpo YAML (`train.processe
 
 `learn(cfg, sequences, ...)` is what the flow's learner step calls: with one process it updates
 in-process, with more it writes a request file, runs this module under torchrun (one process per
-GPU, or gloo processes on a CPU) and reads the result back. Every process loads the base model,
-peft adds LoRA, and `shard_model` wraps each decoder layer and then the root in its own FSDP2 unit;
+GPU, or gloo processes on a CPU) and reads the result back. Rank 0 loads the base model, the other
+processes build a meta-device skeleton of it, peft adds LoRA, and `shard_model` wraps each decoder
+layer and then the root in its own FSDP2 unit and broadcasts rank 0's weights into the shards;
 parameters are sharded one by one (DTensor), so a bf16 base beside fp32 LoRA weights is fine:
 the mixed-precision policy all-gathers in the base dtype and reduces gradients in fp32.
 
@@ -72,9 +73,14 @@ def layer_classes(model) -> set[str]:
 
 def shard_model(model):
     """FSDP2 in place: each decoder layer its own unit, the rest (embeddings, final norm, lm_head) the
-    root unit. Frozen parameters in a lower precision set the all-gather dtype; gradients reduce in fp32."""
+    root unit. Frozen parameters in a lower precision set the all-gather dtype; gradients reduce in
+    fp32. Rank 0 holds the real weights, the other ranks a meta-device skeleton of the same model:
+    rank 0's full state is broadcast and each rank keeps its shard (host memory: one copy per node,
+    not one per GPU)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    full_state = model.state_dict() if world()[0] == 0 else {}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad} or {torch.float32}
     compute = min(frozen, key=lambda d: torch.finfo(d).bits)
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != torch.float32 else MixedPrecisionPolicy()
@@ -83,6 +89,14 @@ def shard_model(model):
         if type(module).__name__ in names:
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if any(p.is_meta for p in model.parameters()):  # a skeleton: allocate its shards, keep its (real) buffers
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        model.to_empty(device=device())
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    # copied in place (no `assign`), so tied weights stay tied and FSDP keeps its parameters
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

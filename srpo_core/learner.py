@@ -46,16 +46,29 @@ def load_tokenizer(path: str):
 class Learner:
     def __init__(self, model_path: str, lora, optim, dtype: str = "float32", temperature: float = 1.0, loss: str = "pg", loss_kwargs: dict | None = None, gradient_checkpointing: bool = False, adapter_path: str | None = None):
         from peft import LoraConfig as PeftLoraConfig
-        from peft import PeftModel, get_peft_model
+        from peft import PeftConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
 
         self.rank, self.world = D.world()
         self.tokenizer = load_tokenizer(model_path)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        skeleton = self.world > 1 and self.rank != 0  # FSDP: only rank 0 reads the weights, then broadcasts them
+        if skeleton:
+            from accelerate import init_empty_weights
+            from transformers import AutoConfig
+
+            with init_empty_weights():  # parameters on the meta device (no memory), buffers real
+                base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=DTYPES[dtype])
+            base.tie_weights()  # init_empty_weights re-creates each parameter, which unties embeddings
+        else:
+            base = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
         if gradient_checkpointing:
             base.gradient_checkpointing_enable()
-        if adapter_path:
+        if adapter_path and not skeleton:
             model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
+        elif adapter_path:  # the same LoRA layout; its weights come from rank 0
+            peft_cfg = PeftConfig.from_pretrained(adapter_path)
+            peft_cfg.inference_mode = False
+            model = get_peft_model(base, peft_cfg)
         else:
             target = lora.target_modules if lora.target_modules == "all-linear" else [m.strip() for m in lora.target_modules.split(",")]
             model = get_peft_model(base, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, task_type="CAUSAL_LM"))
