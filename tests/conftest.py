@@ -28,3 +28,16 @@ def tiny_model(tiny_model_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module, restored afterwards: the same float32 arithmetic in a server
+    and an in-process reference (so sampled chains match), and no OpenMP spin-waiting on a shared
+    2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,7 +25,7 @@ from srpo_core.server.launch import ServerStartError
 from srpo_core.tasks import get_task, synthetic
 from srpo_core.train import open_session
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 GREEDY = SamplingParams(temperature=0.0)
 LIMITS = ThoughtLimits(max_thoughts=20, max_thought_tokens=16, max_response_tokens=256, max_model_len=512)
@@ -70,16 +70,6 @@ def reference_engine(model_path: str, adapter_dir, version: str):
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval() if adapter_dir else base.eval()
     return HFEngine(model, load_tokenizer(model_path), adapter_version=version)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Server and in-process reference both on one torch thread: the same float32 arithmetic (so
-    sampled chains match too), and no OpenMP spin-waiting fighting over a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from srpo_core.engine.hf import HFEngine, _cache_of
 from srpo_core.engine.vllm import VLLMEngine, VLLMOptions, derive_seed, vllm_import_error
 from srpo_core.tasks import synthetic
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GREEDY = SamplingParams(temperature=0.0)
 LIMITS = ThoughtLimits(max_thoughts=20, max_thought_tokens=16, max_response_tokens=256, max_model_len=512)
 TIGHT = ThoughtLimits(max_thoughts=6, max_thought_tokens=5, max_response_tokens=40, max_model_len=512)
@@ -135,15 +137,6 @@ class FakeLLM:
 
 
 FAKE_API = types.SimpleNamespace(LLM=None, SamplingParams=FakeSamplingParams, TokensPrompt=FakeTokensPrompt, LoRARequest=LoRARequest)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: no OpenMP spin-waiting on a shared small machine (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
