@@ -113,7 +113,7 @@ class Learner:
         prompts = sorted({s.prompt_index for s in seqs})
         minis = [set(prompts[i : i + mini_batch_prompts]) for i in range(0, len(prompts), mini_batch_prompts)]
         params = [p for p in self.model.parameters() if p.requires_grad]
-        sums = torch.zeros(3, dtype=torch.float64)  # loss summed over mini-batches, active tokens, micro-batches
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss over mini-batches, active tokens, micro-batches
         norms = []
         for _ in range(update_epochs):
             for mini in minis:
@@ -135,23 +135,22 @@ class Learner:
                     adv = torch.tensor([s.advantage for s in micro], device=logp.device)
                     loss = self.loss_fn(logp, old, adv, mask, **self.loss_kwargs).sum() * weight
                     loss.backward()
-                    sums += torch.tensor([float(loss.detach()) / self.world, float(mask.sum()) if idx else 0.0, 1.0 if idx else 0.0], dtype=torch.float64)
+                    real = 1.0 if idx else 0.0  # kept on the device: no synchronisation per micro-batch
+                    sums += torch.stack([loss.detach().double() / self.world, mask.sum().double() * real, torch.tensor(real, dtype=torch.float64, device=self.device)])
                 norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
                 self.optimizer.step()
                 self.optimizer_steps += 1
                 norms.append(float(D.full(norm)))
         if self.world > 1:
-            dist_sums = sums.to(self.device)
-            torch.distributed.all_reduce(dist_sums)
-            sums = dist_sums.cpu()
+            torch.distributed.all_reduce(sums)
+        loss_sum, tokens, micro_batches = sums.tolist()
         self.model.eval()
-        n_minis = len(minis) * update_epochs
         return {
-            "learner/loss": float(sums[0]) / max(n_minis, 1),
+            "learner/loss": loss_sum / max(len(minis) * update_epochs, 1),
             "learner/grad_norm": sum(norms) / len(norms) if norms else 0.0,
             "learner/optimizer_steps": float(len(norms)),
-            "learner/active_tokens": float(sums[1]),
-            "learner/micro_batches": float(sums[2]),
+            "learner/active_tokens": tokens,
+            "learner/micro_batches": micro_batches,
             "learner/sequences": float(len(seqs)),
         }
 
