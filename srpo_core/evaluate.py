@@ -28,6 +28,7 @@ pass@k as ``eval/<benchmark>/pass_at_<k>``: MLflow metric names cannot contain `
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 from srpo_core import templates
 from srpo_core.config import Config
 from srpo_core.engine.base import RolloutEngine, SamplingParams, ThoughtRequest
-from srpo_core.pipeline import limits_of
+from srpo_core.pipeline import limits_of, sampling_of
 from srpo_core.tasks import Task, TaskItem
 
 log = logging.getLogger(__name__)
@@ -181,12 +182,12 @@ def evaluate(
         _REPORTED.add(key)  # the same counts again (next evaluation of the same set): info only
 
     t_eval = cfg.eval.temperature
-    greedy = SamplingParams(temperature=t_eval, top_p=1.0 if t_eval == 0 else cfg.rollout.top_p, seed=seed)
-    sampled = SamplingParams(temperature=t_eval if t_eval > 0 else cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed)
+    greedy = SamplingParams(temperature=0.0, seed=seed)
+    sampled = dataclasses.replace(sampling_of(cfg, seed), temperature=t_eval or cfg.rollout.temperature)  # rollout top-p/top-k
     separate = samples > 1 and t_eval == 0  # greedy accuracy + sampled pass@k
     passes = 2 if separate else 1
     bar = tqdm(total=len(prompts) * passes, desc=f"eval {name}", disable=not progress, leave=False)
-    first = _run(engine, prompts, 1 if separate else samples, cfg, greedy if (separate or samples == 1) else sampled, bar)
+    first = _run(engine, prompts, 1 if separate else samples, cfg, greedy if t_eval == 0 else sampled, bar)
     extra = _run(engine, prompts, samples, cfg, sampled, bar) if separate else first
     bar.close()
 

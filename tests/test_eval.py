@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from srpo_core.config import load_config
-from srpo_core.engine.base import Completion, Rollout, RolloutEngine, TokenScores
+from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, TokenScores
 from srpo_core.evaluate import TRUNCATION_MARK, evaluate, evaluate_suite, fit_prompt, middle_cut, pass_at_k
 from srpo_core.tasks import TASKS, SyntheticTask, TaskItem, get_task
 
@@ -22,6 +22,7 @@ class CharEngine(RolloutEngine):
     def __init__(self, answer: Callable[[str, int, float], str]):
         self.answer = answer
         self.requests: list[tuple[int, float]] = []  # (n, temperature) per request
+        self.samplings: list[SamplingParams] = []  # per generate_thoughts call
 
     def encode(self, text):
         return [ord(c) for c in text]
@@ -30,6 +31,7 @@ class CharEngine(RolloutEngine):
         return "".join(map(chr, ids))
 
     def generate_thoughts(self, requests, limits, sampling):
+        self.samplings.append(sampling)
         out = []
         for req in requests:
             self.requests.append((req.n, sampling.temperature))
@@ -92,6 +94,15 @@ def test_greedy_accuracy_and_sampled_pass_at_k():
     assert first["correct"] is True and first["rewards"] == [0.0] * 5 and first["prompt_truncated"] is False
     with pytest.raises(ValueError, match="pass@k"):
         evaluate(engine, SyntheticTask(), items, cfg, samples=2, ks=(3,), progress=False)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_sampled_evaluation_uses_the_rollout_truncation(samples):
+    """eval.temperature > 0 samples with the rollout's top-p and top-k, whatever the sample count."""
+    engine = CharEngine(lambda p, j, t: "\\boxed{0}</thought>")
+    cfg = tiny_cfg(**{"eval.temperature": 0.5, "rollout.top_k": 5, "rollout.top_p": 0.9})
+    evaluate(engine, SyntheticTask(), synthetic_items(3), cfg, samples=samples, ks=(1,), progress=False)
+    assert engine.samplings and {(s.temperature, s.top_p, s.top_k) for s in engine.samplings} == {(0.5, 0.9, 5)}
 
 
 def test_default_call_is_one_greedy_pass():
