@@ -113,7 +113,7 @@ def canary_reference(learner) -> CanaryReference:
     return CanaryReference(prompt_ids, response_ids, list(scores.logprobs), _dtype_name(dtype))
 
 
-def canary_check(server_engine, learner, version: str, tol: float | None = None, *, mean_tol: float | None = None, prompt_ids: list[int] | None = None, response_ids: list[int] | None = None, expected_sha256: str | None = None) -> CanaryResult:
+def canary_check(server_engine, learner, version: str, tol: float | None = None, *, mean_tol: float | None = None, expected_sha256: str | None = None) -> CanaryResult:
     """Compare the server's log-probs for a fixed sequence (under `version`) with the learner's.
 
     `server_engine`: a RemoteEngine (or any RolloutEngine; a RemoteEngine is copied and pinned to
@@ -122,14 +122,8 @@ def canary_check(server_engine, learner, version: str, tol: float | None = None,
     from srpo_core.engine.remote import AdapterVersionError, RemoteEngine
 
     t0 = time.perf_counter()
-    if isinstance(learner, CanaryReference):
-        prompt_ids, response_ids, learner_dtype = learner.prompt_ids, learner.response_ids, learner.dtype
-    else:
-        ref, learner_dtype = _learner_engine(learner)
-    if prompt_ids is None or response_ids is None:
-        tok = getattr(ref, "tokenizer", None) or getattr(learner, "tokenizer", None)
-        vocab = getattr(getattr(getattr(ref, "model", None), "config", None), "vocab_size", None)
-        prompt_ids, response_ids = canary_sequence(tok, vocab)
+    own = learner if isinstance(learner, CanaryReference) else canary_reference(learner)
+    prompt_ids, response_ids = own.prompt_ids, own.response_ids
     server_dtype = None
     eng = server_engine
     if isinstance(server_engine, RemoteEngine):
@@ -147,8 +141,7 @@ def canary_check(server_engine, learner, version: str, tol: float | None = None,
             raise StaleAdapterError(f"weight-sync canary: {exc}", version) from exc
     else:
         served = eng.teacher_force([prompt_ids], [response_ids], 1.0)[0]
-    own = learner if isinstance(learner, CanaryReference) else ref.teacher_force([prompt_ids], [response_ids], 1.0)[0]
-    d_tol, d_mean = default_tolerance(learner_dtype, server_dtype)
+    d_tol, d_mean = default_tolerance(own.dtype, server_dtype)
     tol = d_tol if tol is None else tol
     mean_tol = (d_mean if tol == d_tol else tol / 10) if mean_tol is None else mean_tol
     diffs = [abs(a - b) for a, b in zip(served.logprobs, own.logprobs)]
