@@ -174,9 +174,9 @@ def eval_schedule(total_steps: int, every: int) -> list[int]:
 
 def total_steps_of(cfg: Config, max_steps: int | None) -> int:
     from srpo_core import pipeline
-    from srpo_core.tasks import get_task
+    from srpo_core.epoch import train_items
 
-    n = len(get_task(cfg.data.task).items("train", cfg.data.train_size, cfg.data.data_seed))
+    n = len(train_items(cfg))
     batches = len(pipeline.step_batches(n, cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed))
     if batches == 0:
         raise ValueError(f"data.task {cfg.data.task!r} has {n} training items < train.prompts_per_step={cfg.train.prompts_per_step}")

@@ -127,19 +127,22 @@ def train_items(cfg: Config) -> list[TaskItem]:
 
 
 def n_steps(cfg: Config) -> int:
-    total = len(pipeline.step_batches(cfg.data.train_size, cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed))
+    """Epoch steps of a training: over the items the dataset really has (it may hold fewer than
+    data.train_size), capped by train.max_steps."""
+    total = len(pipeline.step_batches(len(train_items(cfg)), cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed))
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
-def step_item_ids(cfg: Config, step: int) -> list[str]:
-    items = train_items(cfg)
+def step_item_ids(cfg: Config, step: int, items: list[TaskItem] | None = None) -> list[str]:
+    items = train_items(cfg) if items is None else items
     batches = pipeline.step_batches(len(items), cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed)
     return [items[i].id for i in batches[step]]
 
 
 def data_cursor(cfg: Config, step: int) -> dict:
-    per_epoch = len(pipeline.step_batches(cfg.data.train_size, cfg.train.prompts_per_step, 1, cfg.train.seed))
-    return {"step": step, "epoch": step // per_epoch, "index_in_epoch": step % per_epoch, "item_ids": step_item_ids(cfg, step)}
+    items = train_items(cfg)
+    per_epoch = len(pipeline.step_batches(len(items), cfg.train.prompts_per_step, 1, cfg.train.seed))
+    return {"step": step, "epoch": step // per_epoch, "index_in_epoch": step % per_epoch, "item_ids": step_item_ids(cfg, step, items)}
 
 
 # ---- loading the policy ------------------------------------------------------------------------
@@ -226,7 +229,7 @@ def phase_verify(ctx: StepContext, shard_index: int, key: str, attempt: int = 0)
     """Score the first round and absorb it (seeds, base candidates). No torch."""
     cfg, m = ctx.cfg, ctx.cfg.method
     shard = _get(ctx, key)
-    R.absorb_round(get_task(cfg.data.task), shard.states, shard.pending, m.method, m.split, m.incorrect_threshold, shard.timings)
+    R.absorb_round(get_task(cfg.data.task, cfg.data.path), shard.states, shard.pending, m.method, m.split, m.incorrect_threshold, shard.timings)
     shard.pending = []
     return _put(ctx, ctx.work_key(shard_index, "verify", attempt), shard)
 
@@ -236,7 +239,7 @@ def phase_localize(ctx: StepContext, shard_index: int, key: str, attempt: int = 
     cfg, m = ctx.cfg, ctx.cfg.method
     shard = _get(ctx, key)
     engine = load_engine(ctx)
-    task = get_task(cfg.data.task)
+    task = get_task(cfg.data.task, cfg.data.path)
     limits, sampling = pipeline.limits_of(cfg), phase_sampling(ctx, shard_index, 1)
     with pipeline.timed(shard.timings, "generation"):
         while any(counts := R.round_counts(shard.states, m.method, m.split, m.seed_search_budget, m.rollouts_per_prompt)):
@@ -263,7 +266,7 @@ def phase_verify_suffix(ctx: StepContext, shard_index: int, key: str, attempt: i
     """Score the base-fill chains and the suffixes; build the shard's rollout records. No torch."""
     cfg = ctx.cfg
     shard = _get(ctx, key)
-    task = get_task(cfg.data.task)
+    task = get_task(cfg.data.task, cfg.data.path)
     start = time.perf_counter()
     for state, rollouts in zip(shard.states, shard.fill):
         state.base.extend(R.verify(task, state.item, rollouts))
@@ -304,7 +307,7 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         for k, v in sh.timings.items():
             timings[k] = max(timings.get(k, 0.0), v)
     pipeline.assign_advantages(records)
-    metrics = pipeline.step_metrics(records, states, get_task(cfg.data.task), timings)
+    metrics = pipeline.step_metrics(records, states, get_task(cfg.data.task, cfg.data.path), timings)
     work = Path(tempfile.mkdtemp(prefix="srpo-learn-"))
     try:
         parent_dir = None

@@ -62,7 +62,7 @@ def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
     learner = learner_from_config(cfg, adapter_path)
     learner.model.eval()
     engine = HFEngine(learner.model, learner.tokenizer, adapter_version="step-0")
-    return Session(cfg, learner, engine, get_task(cfg.data.task))
+    return Session(cfg, learner, engine, get_task(cfg.data.task, cfg.data.path))
 
 
 def train_step(session: Session, items, step: int, out_dir: Path | None = None) -> pipeline.StepResult:

@@ -45,3 +45,16 @@ def test_splits_are_seeded_and_disjoint():
     assert [i.question for i in train] != [i.question for i in task.items("train", 400, 1)]
     assert all(4 <= len(i.question) // 2 <= 8 for i in train)
     assert task.items("test", 50, 0) == test[:50]
+
+
+def test_step_count_follows_the_items_the_dataset_has():
+    """numinamath's local sample holds 76 train items, fewer than data.train_size: 9 steps of 8 per
+    epoch, and the last step's cursor still names real items."""
+    from srpo_core import epoch
+    from srpo_core.config import load_config
+
+    cfg = load_config("tiny", {"data.task": "numinamath_olympiads", "data.train_size": 1000, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8, "train.epochs": 2})
+    assert len(epoch.train_items(cfg)) == 76
+    assert epoch.n_steps(cfg) == 18
+    last = epoch.data_cursor(cfg, 17)
+    assert (last["epoch"], last["index_in_epoch"]) == (1, 8) and len(last["item_ids"]) == 8
