@@ -14,7 +14,9 @@ Keys
     Keys are ``/``-separated relative names (``runs/<training_id>/steps/000010/adapter_model.safetensors``).
     Every key is **immutable**: writing an existing key with different content raises
     :class:`ImmutableKeyError`, writing the same content again is a no-op (so retries are
-    idempotent). The only overwritable objects are *pointers* (``set_pointer``), kept under the
+    idempotent). A step's files are committed by its manifest: ``save_step`` discards what an
+    attempt that died before writing the manifest left under the step. The only overwritable
+    objects are *pointers* (``set_pointer``), kept under the
     reserved ``pointers/`` namespace, e.g. the ``runs/<training_id>/latest`` pointer. On S3 with
     bucket versioning enabled every pointer value stays retrievable (``get_pointer_versions``);
     the local backend keeps the same history in ``.srpo_pointer_versions/``.
@@ -299,6 +301,11 @@ class Store(abc.ABC):
         """Sorted keys starting with the string ``prefix`` (S3 semantics)."""
 
     @abc.abstractmethod
+    def discard(self, key: str) -> None:
+        """Remove ``key`` (absent: no-op). Only for keys no manifest commits: the uploads of a step
+        attempt that died before its manifest (see save_step); committed keys stay immutable."""
+
+    @abc.abstractmethod
     def set_pointer(self, name: str, value: str) -> str | None:
         """Overwrite pointer ``name``; returns the new version id (None if unversioned)."""
 
@@ -427,6 +434,10 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         validate_key(key)
         return self._path(key).is_file()
+
+    def discard(self, key: str) -> None:
+        validate_key(key)
+        self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> list[str]:
         if prefix:
@@ -727,6 +738,10 @@ class S3Store(Store):
             return False
         return True
 
+    def discard(self, key: str) -> None:  # a versioned bucket keeps the old version
+        validate_key(key)
+        self._call("delete_object", key, Key=self._full(key))
+
     def list(self, prefix: str = "") -> list[str]:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -992,10 +1007,17 @@ def save_step(
     parent_key: str | None = None,
     data_cursor: Any = None,
 ) -> StepManifest:
-    """Upload ``local_dir`` as step ``step`` and write its manifest (idempotent on retry)."""
+    """Upload ``local_dir`` as step ``step`` and write its manifest (idempotent on retry). The
+    manifest is the commit point: keys under a step that has none were left by an attempt that
+    died while uploading (different timings, or a non-deterministic GPU step), so they are
+    discarded first and a rerun of the step can commit; a committed step's keys never change."""
     if (Path(local_dir) / MANIFEST_NAME).exists():
         raise ValueError(f"{local_dir}/{MANIFEST_NAME} would clash with the step manifest")
-    files = store.put_dir(step_prefix(training_id, step), local_dir)
+    prefix = step_prefix(training_id, step)
+    if not store.exists(manifest_key(training_id, step)):
+        for key in store.list(prefix + "/"):
+            store.discard(key)
+    files = store.put_dir(prefix, local_dir)
     return write_manifest(
         store, training_id, step, files, config=config, parent_key=parent_key, data_cursor=data_cursor
     )

@@ -193,3 +193,15 @@ def test_stores_pickle(local: st.LocalStore) -> None:
     s3 = st.S3Store.from_uri("s3://bucket/p", endpoint_url="http://127.0.0.1:1")
     _ = s3._client  # a cached boto3 client must not break pickling (Metaflow artifacts)
     assert pickle.loads(pickle.dumps(s3)) == s3
+
+
+def test_a_step_attempt_that_died_before_its_manifest_does_not_block_the_rerun(local: st.LocalStore, tmp_path: Path) -> None:
+    store = local
+    prefix = st.step_prefix("run-1", 3)
+    store.put_bytes(f"{prefix}/adapter_config.json", b'{"r": 4}')  # an attempt died mid-upload
+    store.put_bytes(f"{prefix}/stale.bin", b"x")  # ... with a file the rerun does not write
+    manifest = st.save_step(store, "run-1", 3, make_adapter(tmp_path / "adapter", b"\x00\x01" * 1000), config={"lr": 1})
+    assert store.list(prefix + "/") == sorted([f"{prefix}/{f.path}" for f in manifest.files] + [st.manifest_key("run-1", 3)])
+    assert st.load_step(store, "run-1", 3, tmp_path / "restore") == manifest
+    with pytest.raises(st.ImmutableKeyError):  # committed: the step's keys are immutable again
+        st.save_step(store, "run-1", 3, make_adapter(tmp_path / "other", b"other"), config={"lr": 1})
