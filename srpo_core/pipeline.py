@@ -184,7 +184,7 @@ def step_metrics(records: list[R.Record], states: list[R.PromptState], task: Tas
         m["localization/parse_rate"] = (status["boxed"] + status["step"]) / len(seeds) if {"boxed", "step", "fallback"} & set(status) else float("nan")
         m["localization/fallback_rate"] = status["fallback"] / len(seeds)
         if task.has_step_checker:
-            m["localization/oracle_agreement"] = _mean(float(r.reset_index == r.oracle_first_error) for r in seeds)
+            m["localization/oracle_agreement"] = _mean(float(r.oracle_first_error is not None and r.reset_index == R.oracle_reset(r.oracle_first_error, len(r.rollout.spans))) for r in seeds)
         m["tokens/localization"] = float(sum(r.localization_tokens for r in seeds))
         m["localization/output_tokens_mean"] = _mean(r.localization_tokens for r in seeds)
     g_sp, g_base, ratio = gradient_signal_ratio(records)

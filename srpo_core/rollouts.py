@@ -248,8 +248,14 @@ def oracle_localizer(cases: list[SeedCase], ctx: LocalizeContext) -> list[Locali
     out = []
     for c in cases:
         k = ctx.task.first_error(c.item, c.seed.thoughts)
-        out.append(Localization(min(max(k, 1), _n(c)), "oracle") if k is not None else Localization(1, "fallback"))
+        out.append(Localization(oracle_reset(k, _n(c)), "oracle") if k is not None else Localization(1, "fallback"))
     return out
+
+
+def oracle_reset(first_error: int, n_thoughts: int) -> int:
+    """The reset the step checker points at: its first wrong thought, within the chain's thoughts
+    (a chain that stopped early is wrong at the missing thought n+1: reset at its last one)."""
+    return min(max(first_error, 1), n_thoughts)
 
 
 def self_localizer(cases: list[SeedCase], ctx: LocalizeContext) -> list[Localization]:

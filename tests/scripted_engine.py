@@ -1,5 +1,6 @@
 """A scripted RolloutEngine for testing algorithm 2's bookkeeping exactly: each prompt consumes
-a queue of outcomes ("ok", or k for a chain whose k-th thought is the first wrong one), and chains
+a queue of outcomes ("ok"; k for a chain whose k-th thought is the first wrong one; ("cut", m) for
+a chain of the first m correct thoughts that stops there, without an answer), and chains
 are real synthetic-task token sequences from the tiny tokenizer."""
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ class ScriptedEngine(RolloutEngine):
                     chains.append(self._rollout(req.prompt_ids, req.prefix_ids, req.prefix_spans, gold[len(req.prefix_spans):]))
                     continue
                 outcome = self.script[problem.id].pop(0) if self.script[problem.id] else "ok"
-                thoughts = gold if outcome == "ok" else wrong_chain(problem, outcome, self.rng)
+                if isinstance(outcome, tuple):
+                    thoughts = gold[: outcome[1]]
+                else:
+                    thoughts = gold if outcome == "ok" else wrong_chain(problem, outcome, self.rng)
                 chains.append(self._rollout(req.prompt_ids, (), (), thoughts))
             out.append(chains)
         return out

@@ -83,6 +83,15 @@ def test_oracle_reset_equals_first_wrong_thought():
     assert result.metrics["localization/oracle_agreement"] == 1.0
 
 
+def test_oracle_agreement_counts_a_chain_that_stopped_early():
+    """2 right thoughts and no answer: wrong at the missing third; the oracle resets at the second
+    (the last it has) and agrees with itself."""
+    engine, result = run({"train-0": [("cut", 2)], "train-1": [2], "train-2": [1]})
+    seed = groups_of(result, "train-0")["seed"][0]
+    assert seed.oracle_first_error == 3 and len(seed.rollout.spans) == 2 and seed.reset_index == 2
+    assert result.metrics["localization/oracle_agreement"] == 1.0
+
+
 def test_grpo_is_one_group_of_eight_iid():
     engine, result = run({"train-0": [1, 2], "train-1": [], "train-2": []}, method="grpo")
     g = groups_of(result, "train-0")
