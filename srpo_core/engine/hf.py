@@ -19,6 +19,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from srpo_core import algos
 from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtLimits, ThoughtRequest, TokenScores
 
 BOXED = "\\boxed{"
@@ -298,13 +299,13 @@ class HFEngine(RolloutEngine):
             for j, s in enumerate(seqs):
                 ids[j, : len(s)] = torch.tensor(s)
                 attn[j, : len(s)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits.float()
-            logp = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
-            for j, i in enumerate(chunk):
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+            for j, i in enumerate(chunk):  # float32 softmax over each response's positions only
                 p, r = len(prompts[i]), len(responses[i])
-                pos = torch.arange(p - 1, p + r - 1, device=logits.device)
-                tgt = torch.tensor(responses[i], device=logits.device)
-                out.append(TokenScores(logprobs=logp[j, pos, tgt].tolist(), greedy_ids=logits[j, pos].argmax(-1).tolist()))
+                row = logits[j, p - 1 : p + r - 1]  # [r, V]
+                tgt = torch.tensor(responses[i], device=row.device)
+                logp = algos.token_logprobs(row[None], tgt[None], temperature)[0]
+                out.append(TokenScores(logprobs=logp.tolist(), greedy_ids=row.argmax(-1).tolist()))
         return out
 
 
