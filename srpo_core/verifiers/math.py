@@ -204,7 +204,10 @@ class MathCheckerPool:
                 if self._closed:
                     raise RuntimeError("math checker pool is closed")
                 worker = self._idle.pop() if self._idle else None
-            if worker is None or not worker.alive():
+            if worker is not None and not worker.alive():
+                worker.kill()  # reap it and close its pipes
+                worker = None
+            if worker is None:
                 worker = _Worker(self._startup_timeout_s)
             reply = worker.request(gold, answer, timeout_s)
             if worker.alive():
@@ -213,6 +216,8 @@ class MathCheckerPool:
                         worker.kill()
                     else:
                         self._idle.append(worker)
+            else:
+                worker.kill()
             return reply
 
     def close(self) -> None:
