@@ -5,6 +5,7 @@ weight-sync canary catching a stale adapter, health/ready, and an unreachable se
 
 from __future__ import annotations
 
+from http.client import HTTPConnection
 import json
 import socket
 import threading
@@ -110,6 +111,14 @@ def test_health_and_ready(server):
     assert status == 404 and "/generate_thoughts" in body["error"]
     status, body = http("POST", server.url + "/generate_thoughts", {"requests": [{"prompt_ids": "x"}]})
     assert status == 400 and "prompt_ids" in body["error"]
+    for length in ("ten", "-1"):  # a malformed length is the client's error, and never blocks a read
+        conn = HTTPConnection(server.url.split("//")[1], timeout=30)
+        conn.putrequest("POST", "/encode")
+        conn.putheader("Content-Length", length)
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 400 and "Content-Length" in json.loads(resp.read())["error"]
+        conn.close()
 
 
 def test_ready_is_503_until_the_model_is_loaded():

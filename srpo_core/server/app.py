@@ -417,7 +417,12 @@ def make_handler(host: ModelHost):
             self.wfile.write(data)
 
         def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise HTTPError(400, f"Content-Length is not a number: {self.headers.get('Content-Length')!r}") from None
+            if length < 0:
+                raise HTTPError(400, f"Content-Length is negative: {length}")
             if length > MAX_BODY_BYTES:
                 raise HTTPError(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
             raw = self.rfile.read(length) if length else b"{}"

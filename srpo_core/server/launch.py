@@ -44,10 +44,6 @@ class ServerHandle:
     workdir: Path
     _owned_workdir: bool = field(default=False, repr=False)
 
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
     def engine(self, adapter_version: str | None = None, **kwargs):
         from srpo_core.engine.remote import RemoteEngine
 
@@ -55,9 +51,6 @@ class ServerHandle:
 
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM the server (it shuts down cleanly), SIGKILL if it lingers. Returns its exit code."""
