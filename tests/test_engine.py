@@ -61,6 +61,7 @@ def test_caps_hold_when_sampling(engine):
 
 def test_answer_ends_chain(engine):
     out = engine.generate_thoughts([ThoughtRequest(tuple(p), n=1) for p in prompts(engine, 20)], LIMITS, GREEDY)
+    assert any(r.finish_reason == "answer" for (r,) in out)
     for (r,) in out:
         if r.finish_reason == "answer":
             assert "\\boxed{" in r.thoughts[-1] and all("\\boxed{" not in t for t in r.thoughts[:-1])

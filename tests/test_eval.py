@@ -229,7 +229,9 @@ def test_tiny_model_runs_on_a_real_benchmark(tiny_model):
         res = evaluate(HFEngine(model, tok), task, task.items("test", 3, 0), tiny_cfg(), progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert res.n == 3 and res.truncated == 3 and 0.0 <= res.accuracy <= 1.0
+    assert res.n == 3 and res.truncated == 3 and len(res.outcomes) == 3
+    assert all(isinstance(o["correct"], bool) for o in res.outcomes)
+    assert res.accuracy == pytest.approx(sum(o["correct"] for o in res.outcomes) / 3)
     assert all(o["prompt_tokens"] <= 64 for o in res.outcomes)
 
 
