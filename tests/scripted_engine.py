@@ -1,6 +1,8 @@
 """A scripted RolloutEngine for testing algorithm 2's bookkeeping exactly: each prompt consumes
 a queue of outcomes ("ok"; k for a chain whose k-th thought is the first wrong one; ("cut", m) for
-a chain of the first m correct thoughts that stops there, without an answer), and chains
+a chain of the first m correct thoughts that stops there, without an answer). Suffixes from a reset
+continue the correct chain, or, while the queue "<prompt id>/suffix" has entries, "ok" (correct) or
+"bad" (the correct steps, then a wrong answer) in turn. Chains
 are real synthetic-task token sequences from the tiny tokenizer."""
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ class ScriptedEngine(RolloutEngine):
             gold = synthetic.solution_thoughts(problem)
             chains = []
             for _ in range(req.n):
-                if req.prefix_ids:  # suffixes: continue the correct chain after the prefix
-                    chains.append(self._rollout(req.prompt_ids, req.prefix_ids, req.prefix_spans, gold[len(req.prefix_spans):]))
+                if req.prefix_ids:  # suffixes: continue the correct chain after the prefix, or end it wrong
+                    rest = gold[len(req.prefix_spans) :]
+                    queue = self.script.get(problem.id + "/suffix")
+                    if queue and queue.pop(0) == "bad":
+                        rest = rest[:-1] + [f"\\boxed{{{(int(problem.answer) + 1) % 10}}}</thought>"]
+                    chains.append(self._rollout(req.prompt_ids, req.prefix_ids, req.prefix_spans, rest))
                     continue
                 outcome = self.script[problem.id].pop(0) if self.script[problem.id] else "ok"
                 if isinstance(outcome, tuple):

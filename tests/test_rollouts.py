@@ -155,3 +155,15 @@ def test_advantages_per_group_and_seed_untrained():
     assert base_adv == pytest.approx([-3 ** 0.5, 1 / 3 ** 0.5, 1 / 3 ** 0.5, 1 / 3 ** 0.5])
     assert all(r.advantage == 0.0 for r in g["shared_prefix"])  # all suffixes correct: flat group
     assert result.metrics["groups/shared_prefix/zero_adv_share"] == 1.0
+
+
+def test_shared_prefix_advantages_with_mixed_suffix_rewards():
+    """One of the 4 suffixes from the reset is right: it gets sqrt(3), the three wrong ones
+    -1/sqrt(3) (mean 1/4, population std sqrt(3)/4), in their own group apart from the base."""
+    engine, result = run({"train-0": ["ok", 3, 2], "train-0/suffix": ["bad", "ok", "bad", "bad"], "train-1": [], "train-2": []})
+    g = groups_of(result, "train-0")
+    sp = g["shared_prefix"]
+    assert [r.reward for r in sp] == [0.0, 1.0, 0.0, 0.0] and len({r.group_id for r in sp}) == 1
+    assert [r.advantage for r in sp] == pytest.approx([-1 / 3 ** 0.5, 3 ** 0.5, -1 / 3 ** 0.5, -1 / 3 ** 0.5])
+    assert sorted(r.advantage for r in g["base"]) == pytest.approx([-3 ** 0.5, 1 / 3 ** 0.5, 1 / 3 ** 0.5, 1 / 3 ** 0.5])
+    assert result.metrics["groups/shared_prefix/zero_adv_share"] == 0.0
