@@ -174,7 +174,8 @@ def load_engine(ctx: StepContext, step: int | None = None):
         engine.check_ready()
         if step is not None:
             engine.load_adapter(adapter_uri(ctx, step), adapter_version(step))
-        return RemoteEngine(ctx.server_url, adapter_version=adapter_version(step))
+        engine.adapter_version = adapter_version(step)  # every request pinned to it
+        return engine
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -242,12 +243,8 @@ def phase_localize(ctx: StepContext, shard_index: int, key: str, attempt: int = 
     task = get_task(cfg.data.task, cfg.data.path)
     limits, sampling = pipeline.limits_of(cfg), phase_sampling(ctx, shard_index, 1)
     with pipeline.timed(shard.timings, "generation"):
-        while any(counts := R.round_counts(shard.states, m.method, m.split, m.seed_search_budget, m.rollouts_per_prompt)):
-            R.absorb_round(task, shard.states, R.sample(engine, shard.states, counts, limits, R.round_sampling(sampling, shard.rounds)), m.method, m.split, m.incorrect_threshold, shard.timings)
-            shard.rounds += 1
-        fill = R.finalize_base(shard.states, m.method, m.split, m.rollouts_per_prompt)
-        shard.fill = R.sample(engine, shard.states, fill, limits, R.round_sampling(sampling, R.FILL_ROUND))
-    cases, shard.locs = pipeline.localize_phase(engine, task, cfg, shard.states, ctx.step * 1000 + shard_index, shard.timings)
+        shard.rounds, shard.fill = R.finish_seed_search(engine, task, shard.states, m.method, m.split, m.seed_search_budget, m.rollouts_per_prompt, m.incorrect_threshold, limits, sampling, shard.rounds, shard.timings)
+    _, shard.locs = pipeline.localize_phase(engine, task, cfg, shard.states, ctx.step * 1000 + shard_index, shard.timings)
     return _put(ctx, ctx.work_key(shard_index, "localize", attempt), shard)
 
 
@@ -271,7 +268,7 @@ def phase_verify_suffix(ctx: StepContext, shard_index: int, key: str, attempt: i
     for state, rollouts in zip(shard.states, shard.fill):
         state.base.extend(R.verify(task, state.item, rollouts))
     shard.fill = []
-    records = R.build_records(task, ctx.step, shard.states, cfg.method.method, R.seed_cases(shard.states), shard.locs, shard.suffixes)
+    records = R.build_records(task, ctx.step, shard.states, cfg.method.method, shard.locs, shard.suffixes)
     shard.timings["verification"] = shard.timings.get("verification", 0.0) + time.perf_counter() - start
     shard.records = [dataclasses.asdict(r) for r in records]
     return _put(ctx, ctx.work_key(shard_index, "verify_suffix", attempt), shard)
@@ -362,12 +359,11 @@ def phase_evaluate(ctx: StepContext, total_steps: int, progress: bool = True) ->
         due.append((0, None))
     if eval_due(cfg, ctx.step, total_steps):
         due.append((ctx.step + 1, ctx.step))
+    sets = [(name, task, task.items("test", cfg.eval.items_per_benchmark, cfg.data.data_seed)) for name, task in ((n, get_task(n)) for n in cfg.eval.benchmarks)] if due else []
     for at, ckpt in due:
-        engine = load_engine(ctx, step=ckpt) if ckpt is not None else load_engine(dataclasses.replace(ctx, parent_step=None))
+        engine = load_engine(ctx, step=ckpt)  # ckpt None only before the first step: the base model
         accs = {}
-        for name in cfg.eval.benchmarks:
-            task = get_task(name)
-            items = task.items("test", cfg.eval.items_per_benchmark, cfg.data.data_seed)
+        for name, task, items in sets:
             res = evaluate(engine, task, items, cfg, progress=progress, name=name)
             accs[name] = res.accuracy
             key = f"runs/{ctx.training_id}/eval/{at:06d}/{ctx.run_id}/{name}.jsonl"

@@ -8,7 +8,6 @@ plus the per-step metrics of SPEC 4 and the rollout-record file format (rollouts
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -109,7 +108,7 @@ def run_rollout_phases(engine: RolloutEngine, task: Task, cfg: Config, items: li
     cases, locs = localize_phase(engine, task, cfg, states, step, timings)
     suffixes = suffix_phase(engine, cfg, cases, locs, step, timings)
     with timed(timings, "verification"):
-        records = R.build_records(task, step, states, cfg.method.method, cases, locs, suffixes)
+        records = R.build_records(task, step, states, cfg.method.method, locs, suffixes)
     assign_advantages(records)
     metrics = step_metrics(records, states, task, timings)
     return StepResult(records, metrics, timings)

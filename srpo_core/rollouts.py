@@ -170,15 +170,23 @@ def finalize_base(states: list[PromptState], method: str, split: str, rollouts_p
 FILL_ROUND = 999  # sampling-seed slot of the base-fill chains
 
 
-def search_seeds(engine: RolloutEngine, task: Task, states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int, incorrect_threshold: float, limits: ThoughtLimits, sampling: SamplingParams, first_round: int = 0, timings: dict[str, float] | None = None) -> int:
-    """Rounds of batched sampling until every prompt has its seeds or spent its budget; then the
-    base groups are finalized and filled. Returns the number of rounds run."""
+def finish_seed_search(engine: RolloutEngine, task: Task, states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int, incorrect_threshold: float, limits: ThoughtLimits, sampling: SamplingParams, first_round: int = 0, timings: dict[str, float] | None = None) -> tuple[int, list[list[Rollout]]]:
+    """Rounds of batched sampling from `first_round` on until every prompt has its seeds or spent
+    its budget; then the base groups are finalized and their fill chains sampled (not scored).
+    Returns (rounds run in all, fill chains per state)."""
     rounds = first_round
     while any(counts := round_counts(states, method, split, budget, rollouts_per_prompt)):
         absorb_round(task, states, sample(engine, states, counts, limits, round_sampling(sampling, rounds)), method, split, incorrect_threshold, timings)
         rounds += 1
     fill = finalize_base(states, method, split, rollouts_per_prompt)
-    for state, rollouts in zip(states, sample(engine, states, fill, limits, round_sampling(sampling, FILL_ROUND))):
+    return rounds, sample(engine, states, fill, limits, round_sampling(sampling, FILL_ROUND))
+
+
+def search_seeds(engine: RolloutEngine, task: Task, states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int, incorrect_threshold: float, limits: ThoughtLimits, sampling: SamplingParams, timings: dict[str, float] | None = None) -> int:
+    """The whole seed search (`finish_seed_search` from round 0) with the fill chains scored into
+    the base groups. Returns the number of rounds run."""
+    rounds, fill = finish_seed_search(engine, task, states, method, split, budget, rollouts_per_prompt, incorrect_threshold, limits, sampling, 0, timings)
+    for state, rollouts in zip(states, fill):
         state.base.extend(verify(task, state.item, rollouts, timings))
     return rounds
 
@@ -314,7 +322,7 @@ def sample_suffixes(engine: RolloutEngine, cases: list[SeedCase], locs: list[Loc
     return engine.generate_thoughts([reset_request(c, loc.index, n) for c, loc in zip(cases, locs)], limits, sampling)
 
 
-def build_records(task: Task, step: int, states: list[PromptState], method: str, cases: list[SeedCase], locs: list[Localization], suffixes: list[list[Rollout]]) -> list[Record]:
+def build_records(task: Task, step: int, states: list[PromptState], method: str, locs: list[Localization], suffixes: list[list[Rollout]]) -> list[Record]:
     """Records for every rollout (seeds included, marked `seed`), with their group ids."""
     records: list[Record] = []
     k = 0
@@ -323,7 +331,7 @@ def build_records(task: Task, step: int, states: list[PromptState], method: str,
         gid = f"{step}:{s.item.id}:{kind}"
         records += [Record(a.rollout, s.item, kind, gid, a.reward) for a in s.base]
         for j, seed in enumerate(s.seeds):
-            case, loc, group = cases[k], locs[k], suffixes[k]
+            loc, group = locs[k], suffixes[k]  # seeds in seed_cases order
             k += 1
             oracle = task.first_error(s.item, seed.rollout.thoughts) if task.has_step_checker else None
             records.append(Record(seed.rollout, s.item, "seed", f"{step}:{s.item.id}:seed{j}", seed.reward, loc.index, oracle, loc.status, loc.output_tokens))
