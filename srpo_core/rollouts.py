@@ -29,6 +29,7 @@ from typing import Callable
 from srpo_core import templates
 from srpo_core.engine.base import Rollout, RolloutEngine, SamplingParams, ThoughtLimits, ThoughtRequest
 from srpo_core.tasks import Task, TaskItem
+from srpo_core.verifiers.extract import last_boxed
 
 
 @dataclass(frozen=True)
@@ -213,20 +214,6 @@ class LocalizeContext:
 
 _BOXED_INT = re.compile(r"^\s*(-?\d+)\s*$")
 _STEP = re.compile(r"Step\s*(\d+)")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last brace-balanced \\boxed{...}."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, i = 1, start + len("\\boxed{")
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{") : i - 1]
-        start = text.rfind("\\boxed{", 0, start)
-    return None
 
 
 def parse_localization(text: str, n_thoughts: int) -> tuple[int, str]:

@@ -204,13 +204,13 @@ def run(args: argparse.Namespace) -> int:
                 return 2
     by_line = {task.line: (task, verdict) for task, verdict in zip(tasks, verdicts)}
     out = sys.stdout
-    for line in sorted([*by_line, *(line for line, _ in errors)]):
+    error_at = dict(errors)
+    for line in sorted([*by_line, *error_at]):
         if line in by_line:
             task, verdict = by_line[line]
             record = {"line": line, "id": task.item.id, "benchmark": task.benchmark.name, **verdict.to_dict()}
         else:
-            message = next(m for ln, m in errors if ln == line)
-            record = {"line": line, "correct": None, "score": None, "error": message}
+            record = {"line": line, "correct": None, "score": None, "error": error_at[line]}
         out.write(json.dumps(record) + "\n")
     out.flush()
     print(summarize(tasks, verdicts, len(errors)), file=sys.stderr)

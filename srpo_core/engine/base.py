@@ -16,7 +16,7 @@ and response length.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ class Rollout:
     def generated_tokens(self) -> int:
         return len(self.response_ids) - self.prefix_len
 
-    @property
-    def prefix_thoughts(self) -> int:
-        return sum(1 for _, end in self.spans if end <= self.prefix_len)
-
 
 @dataclass
 class Completion:
@@ -81,7 +77,6 @@ class Completion:
 class TokenScores:
     logprobs: list[float]  # log p(response token | context) at the given temperature
     greedy_ids: list[int]  # the policy's argmax at each response position
-    extra: dict = field(default_factory=dict)
 
 
 class RolloutEngine(abc.ABC):

@@ -180,7 +180,7 @@ class VLLMEngine(RolloutEngine):
         return self.encode(text)
 
     # ---- vLLM calls ------------------------------------------------------------------------------
-    def _params(self, sampling: SamplingParams, n: int, seed: int, max_tokens: int, stop: str | None, **extra):
+    def _params(self, sampling: SamplingParams, n: int, seed: int, max_tokens: int, stop: str | None):
         kw: dict[str, Any] = {
             "n": n, "temperature": max(0.0, sampling.temperature), "top_p": sampling.top_p,
             "top_k": sampling.top_k if sampling.top_k > 0 else -1, "max_tokens": max_tokens, "logprobs": 0,
@@ -190,7 +190,6 @@ class VLLMEngine(RolloutEngine):
             kw["seed"] = seed
         if stop:
             kw.update(stop=[stop], include_stop_str_in_output=True)
-        kw.update(extra)
         return self.api.SamplingParams(**kw)
 
     def _generate(self, prompts: list[list[int]], params: list) -> list:

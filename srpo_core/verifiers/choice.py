@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from srpo_core.verifiers.extract import boxed_contents
+from srpo_core.verifiers.extract import boxed_contents, last_boxed
 from srpo_core.verifiers.verdict import NO_ANSWER, Verdict, right, wrong
 
 LETTERS = "ABCDEFGHIJ"
@@ -138,8 +138,7 @@ def verify_filling(response: str, gold: str) -> Verdict:
     needle = normalize_filling(gold)
     if not needle:
         raise ValueError("empty gold answer")
-    boxed = boxed_contents(response)
-    extracted = boxed[-1] if boxed else None
+    extracted = last_boxed(response)
     if contains_whole(normalize_filling(response), needle):
         return right(extracted)
     return wrong(extracted)
