@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from http.client import HTTPConnection
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -25,6 +24,7 @@ from srpo_core.server import StaleAdapterError, adapter_sha256, canary_check, st
 from srpo_core.server.launch import ServerStartError
 from srpo_core.tasks import get_task, synthetic
 from srpo_core.train import open_session
+from tests.conftest_servers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -44,12 +44,6 @@ def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def learner_step(session, seed: int) -> None:
