@@ -721,7 +721,7 @@ def register(subparsers) -> None:
 def _main(args: argparse.Namespace) -> int:
     from srpo_core import tracking
     from srpo_core.config import load_config
-    from srpo_core.train import parse_overrides
+    from srpo_core.config import parse_overrides
 
     if args.threads > 0:
         import torch

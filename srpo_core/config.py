@@ -342,14 +342,31 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("srpo_core") / "presets").iterdir() if p.name.endswith(".yaml"))
 
 
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML file, or else the preset of that name."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    found = preset_path(name_or_path)
+    if found is None:
+        raise ConfigError(f"config {name_or_path!r}: no such file and no preset of that name (presets: {', '.join(preset_names())})")
+    return found
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs -> dotted overrides, values read as YAML (`lr=1e-5` is a float)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Config:
     """Load a preset by name or a YAML file, then apply dotted overrides."""
-    path = Path(name_or_path)
-    if not path.exists():
-        found = preset_path(name_or_path)
-        if found is None:
-            raise ConfigError(f"config {name_or_path!r}: no such file and no preset of that name (presets: {', '.join(preset_names())})")
-        path = found
+    path = resolve_config_path(name_or_path)
     text = path.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text) or {}

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from srpo_core import pipeline
-from srpo_core.config import LOCALIZERS, LOSSES, METHODS, SPLITS, Config, load_config
+from srpo_core.config import LOCALIZERS, LOSSES, METHODS, SPLITS, Config, load_config, parse_overrides
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -129,16 +129,6 @@ def train(cfg: Config, out_dir: Path, max_steps: int | None = None, progress: bo
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
-
-def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
 
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = parse_overrides(args.set or [])

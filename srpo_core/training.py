@@ -17,7 +17,7 @@ import yaml
 
 from srpo_core import epoch
 from srpo_core import store as S
-from srpo_core.config import Config, ConfigError, from_dict, load_config
+from srpo_core.config import Config, ConfigError, from_dict, parse_overrides
 
 PHASES = ("generation", "localization", "suffix", "learner", "evaluation", "verification")
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120, "shared_memory": None}  # shared_memory: MB of /dev/shm (Kubernetes)
@@ -40,13 +40,13 @@ def parse_config(text: str) -> dict:
 
 def default_config_path(_ctx=None) -> str:
     """`SRPO_CONFIG` (a preset name or a YAML file), default the `tiny` preset."""
-    from srpo_core.config import preset_path
+    from srpo_core.config import resolve_config_path
 
     name = os.environ.get("SRPO_CONFIG", "tiny")
-    path = Path(name) if Path(name).exists() else preset_path(name)
-    if path is None:
-        raise ConfigError(f"SRPO_CONFIG={name!r}: no such file and no preset of that name")
-    return str(path)
+    try:
+        return str(resolve_config_path(name))
+    except ConfigError as exc:
+        raise ConfigError(f"SRPO_CONFIG: {exc}") from None
 
 
 def apply_overrides(cfg_dict: dict, method: str, split: str, localizer: str, seed: int, sets: str, steps: int) -> Config:
@@ -54,11 +54,7 @@ def apply_overrides(cfg_dict: dict, method: str, split: str, localizer: str, see
     over = {k: v for k, v in flags.items() if v is not None}
     if method and not localizer:
         over["method.localizer"] = ""
-    for pair in shlex.split(sets or ""):
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        k, v = pair.split("=", 1)
-        over[k] = yaml.safe_load(v)
+    over.update(parse_overrides(shlex.split(sets or "")))
     return from_dict(cfg_dict).override(**over) if over else from_dict(cfg_dict)
 
 
