@@ -342,6 +342,23 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("srpo_core") / "presets").iterdir() if p.name.endswith(".yaml"))
 
 
+RUNTIME_KEYS = ("resources", "rollout.server_url", "train.processes", "model.threads")  # where and how fast, not what
+
+
+def results_config(data: dict) -> dict:
+    """A config dict without the settings that only place or pace the work (scheduler requests,
+    the inference server, learner processes, CPU threads): what a checkpoint's config hash covers,
+    so a training may resume with more memory, another GPU count or a server."""
+    out = json.loads(json.dumps(data))
+    for key in RUNTIME_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return out
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A YAML file, or else the preset of that name."""
     path = Path(name_or_path)

@@ -27,7 +27,7 @@ from pathlib import Path
 from srpo_core import pipeline
 from srpo_core import rollouts as R
 from srpo_core import store as S
-from srpo_core.config import Config, from_dict
+from srpo_core.config import Config, from_dict, results_config
 from srpo_core.engine.base import Rollout
 from srpo_core.tasks import TaskItem, get_task
 
@@ -316,7 +316,7 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         pipeline.write_records(out / "rollouts.jsonl", records, ctx.step, cfg)
         (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
         parent_key = S.step_prefix(ctx.training_id, ctx.parent_step) if ctx.parent_step is not None else None
-        manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=ctx.config, parent_key=parent_key, data_cursor=data_cursor(cfg, ctx.step))
+        manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=results_config(ctx.config), parent_key=parent_key, data_cursor=data_cursor(cfg, ctx.step))
         if canary is not None:  # hot-load the new adapter and check the server samples from it
             metrics.update(sync_server(ctx, CanaryReference(**json.loads(canary.read_text())), out / "adapter"))
         S.set_latest_step(store, ctx.training_id, ctx.step)

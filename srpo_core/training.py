@@ -17,7 +17,7 @@ import yaml
 
 from srpo_core import epoch
 from srpo_core import store as S
-from srpo_core.config import Config, ConfigError, from_dict, parse_overrides
+from srpo_core.config import Config, ConfigError, from_dict, parse_overrides, results_config
 
 PHASES = ("generation", "localization", "suffix", "learner", "evaluation", "verification")
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120, "shared_memory": None}  # shared_memory: MB of /dev/shm (Kubernetes)
@@ -92,8 +92,8 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
     resumed = last is not None
     if resumed:
         old = S.read_manifest(store, tid, last)
-        if old.config_hash != S.config_hash(cfg.to_dict()):
-            raise ConfigError(f"training {tid!r} was started with another config (hash {old.config_hash}); resume it with the same config and flags")
+        if old.config_hash != S.config_hash(results_config(cfg.to_dict())):
+            raise ConfigError(f"training {tid!r} was started with another config (hash {old.config_hash}); resume it with the same config and flags (resources, rollout.server_url, train.processes and model.threads may change)")
     tags = {"method": cfg.method.method, "split": cfg.method.split, "localizer": cfg.method.resolved_localizer, "seed": str(cfg.train.seed), "model": cfg.model.name_or_path, "training_id": tid, "task": cfg.data.task}
     run_id = find_mlflow_run(tid, experiment)
     with tracking.start_training_run(experiment, run_name=tid, tags=tags, params=tracking.flatten_config(cfg.to_dict()), run_id=run_id) as run:

@@ -74,3 +74,19 @@ def test_invalid_yaml_and_missing_preset(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="no such file and no preset"):
         load_config("nonexistent-preset")
+
+
+def test_results_config_leaves_out_only_where_and_how_fast():
+    """A checkpoint's config hash ignores scheduler requests, the server, learner processes and
+    threads (a resume may change them) and nothing else."""
+    from srpo_core.config import results_config
+    from srpo_core.store import config_hash
+
+    base = load_config("paper").to_dict()
+    same = load_config("paper", {"train.processes": 2, "rollout.server_url": "http://x:1", "model.threads": 4}).to_dict()
+    same["resources"]["learner"]["memory"] = 480000
+    assert config_hash(results_config(same)) == config_hash(results_config(base))
+    for key, value in (("optim.lr", 1e-4), ("train.micro_batch_tokens", 8192), ("method.split", "2x4")):
+        other = load_config("paper", {key: value}).to_dict()
+        assert config_hash(results_config(other)) != config_hash(results_config(base)), key
+    assert "resources" in base and "processes" in base["train"]  # the input is not changed
