@@ -287,18 +287,10 @@ class TrainingResult:
         return cls(**d)
 
 
-def _mlflow_client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def _start_child(spec: RunSpec, cfg: Config) -> str:
-    from mlflow.entities import Param
-
     from srpo_core import tracking
 
-    client = _mlflow_client(spec.tracking_uri)
+    client = tracking.client(spec.tracking_uri)
     tags = {
         "mlflow.parentRunId": spec.parent_run_id or "", "method": spec.method, "split": spec.split,
         "localizer": spec.localizer, "seed": str(spec.seed), "training_id": spec.training_id,
@@ -308,9 +300,7 @@ def _start_child(spec: RunSpec, cfg: Config) -> str:
     if not spec.parent_run_id:
         tags.pop("mlflow.parentRunId")
     run = client.create_run(spec.experiment_id, run_name=f"{spec.label} seed {spec.seed}", tags=tags)
-    params = [Param(k, v) for k, v in tracking.flatten_config(cfg.to_dict()).items()]
-    for i in range(0, len(params), tracking.MAX_PARAMS_PER_BATCH):
-        client.log_batch(run.info.run_id, params=params[i : i + tracking.MAX_PARAMS_PER_BATCH])
+    tracking.log_params(client, run.info.run_id, tracking.flatten_config(cfg.to_dict()))
     return run.info.run_id
 
 
@@ -319,7 +309,8 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
     comparison's benchmarks at ``spec.eval_steps``; logs into a nested MLflow child run."""
     from tqdm.auto import tqdm
 
-    from srpo_core.evaluate import evaluate_suite, log_metrics
+    from srpo_core import tracking
+    from srpo_core.evaluate import evaluate_suite
     from srpo_core.train import open_session, run_steps
 
     if isinstance(spec, dict):
@@ -330,7 +321,7 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(spec.config, indent=1, default=list))
     run_id = _start_child(spec, cfg) if spec.tracking_uri else None
-    client = _mlflow_client(spec.tracking_uri) if run_id else None
+    client = tracking.client(spec.tracking_uri) if run_id else None
     result = TrainingResult(spec.training_id, spec.label, spec.method, spec.split, spec.localizer, spec.seed, spec.steps, run_id, {b: [] for b in spec.benchmarks}, {}, {})
     status = "FAILED"
     try:
@@ -356,7 +347,7 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
             result.rollouts += len(res.records)
             m["response/mean_tokens"] = _mean([len(r.rollout.response_ids) for r in res.records])  # also lands in metrics.jsonl
             if run_id is not None:
-                log_metrics(client, run_id, m, step)
+                tracking.log_step_metrics(m, step, run_id=run_id, mlflow_client=client)
             bar.set_postfix(reward=f"{m.get('reward/base/mean', float('nan')):.2f}")
             if step + 1 in spec.eval_steps:
                 evaluate_at(step + 1)
@@ -368,7 +359,7 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
         if run_id is not None:
             if status == "FINISHED":
-                log_metrics(client, run_id, {f"efficiency/{k}": v for k, v in result.efficiency().items()} | {"efficiency/wall_s": result.wall_s}, spec.steps)
+                tracking.log_step_metrics({f"efficiency/{k}": v for k, v in result.efficiency().items()} | {"efficiency/wall_s": result.wall_s}, spec.steps, run_id=run_id, mlflow_client=client)
             client.set_terminated(run_id, status)
         session = None  # noqa: F841 - free the model before the next training
         gc.collect()
@@ -610,12 +601,10 @@ def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list
 
 def open_parent_run(plan: ComparisonPlan, experiment: str, tracking_uri: str) -> ComparisonPlan:
     """Create the parent MLflow run and point every spec at it (nothing stays active)."""
-    from mlflow.entities import Param
-
     from srpo_core import tracking
 
     uri = tracking.check_tracking_reachable(tracking_uri)
-    client = _mlflow_client(uri)
+    client = tracking.client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
     cfg = from_dict(plan.config)
@@ -624,9 +613,7 @@ def open_parent_run(plan: ComparisonPlan, experiment: str, tracking_uri: str) ->
     seeds = sorted({s.seed for s in plan.specs})
     params = {"compare.methods": json.dumps(plan.labels), "compare.seeds": json.dumps(seeds), "compare.benchmarks": json.dumps(plan.benchmarks), "compare.steps": str(max((s.steps for s in plan.specs), default=0)), "compare.eval_items": json.dumps(plan.specs[0].eval_items if plan.specs else {})}
     params.update(tracking.flatten_config(plan.config))
-    plist = [Param(k, tracking.truncate_value(v)) for k, v in params.items()]
-    for i in range(0, len(plist), tracking.MAX_PARAMS_PER_BATCH):
-        client.log_batch(run.info.run_id, params=plist[i : i + tracking.MAX_PARAMS_PER_BATCH])
+    tracking.log_params(client, run.info.run_id, {k: tracking.truncate_value(v) for k, v in params.items()})
     plan.tracking_uri, plan.experiment_id, plan.parent_run_id = uri, exp_id, run.info.run_id
     for s in plan.specs:
         s.tracking_uri, s.experiment_id, s.parent_run_id = uri, exp_id, run.info.run_id
@@ -663,7 +650,9 @@ def finish_comparison(plan: ComparisonPlan | dict, results: list[TrainingResult 
     paths.runs_jsonl.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
     (out / "comparison.json").write_text(json.dumps({"comparison_id": plan.comparison_id, "labels": plan.labels, "benchmarks": plan.benchmarks, "parent_run_id": plan.parent_run_id, "tracking_uri": plan.tracking_uri, "trainings": [s.training_id for s in plan.specs]}, indent=1))
     if plan.parent_run_id:
-        client = _mlflow_client(plan.tracking_uri)
+        from srpo_core import tracking
+
+        client = tracking.client(plan.tracking_uri)
         for p in (paths.results_md, paths.results_csv, paths.efficiency_md, paths.efficiency_csv):
             client.log_artifact(plan.parent_run_id, str(p), artifact_path="tables")
         client.log_artifact(plan.parent_run_id, str(paths.curves_png), artifact_path="figures")
@@ -687,7 +676,9 @@ def run_comparison(plan: ComparisonPlan, progress: bool = True) -> tuple[list[Tr
         status = "FINISHED"
     finally:
         if status != "FINISHED" and plan.parent_run_id:
-            _mlflow_client(plan.tracking_uri).set_terminated(plan.parent_run_id, "FAILED")
+            from srpo_core import tracking
+
+            tracking.client(plan.tracking_uri).set_terminated(plan.parent_run_id, "FAILED")
     return results, finish_comparison(plan, results)
 
 

@@ -252,32 +252,6 @@ def outcomes_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def mlflow_client(tracking_uri: str | None = None):
-    """An MlflowClient for ``tracking_uri``, else the store :mod:`srpo_core.tracking` logs to."""
-    if tracking_uri:
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=tracking_uri)
-    from srpo_core import tracking
-
-    return tracking._client()
-
-
-def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) -> int:
-    """Log the finite ``metrics`` at ``step`` in batches; returns how many were logged."""
-    import math
-
-    from mlflow.entities import Metric
-
-    from srpo_core import tracking
-
-    now = int(time.time() * 1000)
-    batch = [Metric(tracking._clean_key(k), float(v), now, int(step)) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    for i in range(0, len(batch), tracking.MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=batch[i : i + tracking.MAX_METRICS_PER_BATCH])
-    return len(batch)
-
-
 def _mlflow_run_id(run_id: str | None) -> str | None:
     """``run_id``, else the active MLflow run's id, else None (mlflow is not imported for that)."""
     if run_id:
@@ -329,17 +303,20 @@ def evaluate_suite(
     suite.seconds = time.perf_counter() - t0
     rows = suite.outcome_rows()
     sub = f"eval/step_{step:06d}"
+    files = {"outcomes.jsonl": outcomes_jsonl(rows), "outcomes.csv": outcomes_csv(rows)}
     if out_dir is not None:
         d = Path(out_dir) / sub
         d.mkdir(parents=True, exist_ok=True)
-        (d / "outcomes.jsonl").write_text(outcomes_jsonl(rows))
-        (d / "outcomes.csv").write_text(outcomes_csv(rows))
+        for fname, text in files.items():
+            (d / fname).write_text(text)
     rid = _mlflow_run_id(run_id) if log_to_mlflow else None
     if rid is not None:
-        client = mlflow_client(tracking_uri)
-        log_metrics(client, rid, suite.metrics(), step)
+        from srpo_core import tracking
+
+        mlflow_client = tracking.client(tracking_uri)
+        tracking.log_step_metrics(suite.metrics(), step, run_id=rid, mlflow_client=mlflow_client)
         with tempfile.TemporaryDirectory() as tmp:
-            for fname, text in (("outcomes.jsonl", outcomes_jsonl(rows)), ("outcomes.csv", outcomes_csv(rows))):
+            for fname, text in files.items():
                 (Path(tmp) / fname).write_text(text)
-                client.log_artifact(rid, str(Path(tmp) / fname), artifact_path=sub)
+                mlflow_client.log_artifact(rid, str(Path(tmp) / fname), artifact_path=sub)
     return suite

@@ -213,10 +213,11 @@ def flatten_config(
 _current_uri: str | None = None  # set by start_training_run; later helpers log to the same store
 
 
-def _client():
+def client(uri: str | None = None):
+    """An MlflowClient for ``uri``, else for the store this module logs to."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=_current_uri or resolve_tracking_uri())
+    return MlflowClient(tracking_uri=uri or _current_uri or resolve_tracking_uri())
 
 
 def _active_run_id(run_id: str | None) -> str:
@@ -237,13 +238,17 @@ def _param_conflicts(run_id: str, params: Mapping[str, str], existing: Mapping[s
         raise ParamConflictError(f"run {run_id} was logged with different params ({detail}); start a new run")
 
 
-def _log_new_params(run_id: str, params: Mapping[str, str], existing: Mapping[str, str]) -> None:
+def log_params(mlflow_client, run_id: str, params: Mapping[str, str]) -> None:
+    """Log ``params`` (strings) in batches."""
     from mlflow.entities import Param
 
-    new = [Param(k, v) for k, v in params.items() if k not in existing]
-    client = _client()
-    for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=new[i : i + MAX_PARAMS_PER_BATCH])
+    batch = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(batch), MAX_PARAMS_PER_BATCH):
+        mlflow_client.log_batch(run_id, params=batch[i : i + MAX_PARAMS_PER_BATCH])
+
+
+def _log_new_params(run_id: str, params: Mapping[str, str], existing: Mapping[str, str]) -> None:
+    log_params(client(), run_id, {k: v for k, v in params.items() if k not in existing})
 
 
 def start_training_run(
@@ -272,7 +277,7 @@ def start_training_run(
     str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     flat = flatten_config(params or {})
     if run_id is not None:
-        existing = dict(_client().get_run(run_id).data.params)
+        existing = dict(client().get_run(run_id).data.params)
         _param_conflicts(run_id, flat, existing)
         run = mlflow.start_run(run_id=run_id)
         if str_tags:
@@ -325,17 +330,18 @@ def _finite_metrics(metrics: Mapping[str, Any], step: int) -> dict[str, float]:
     return kept
 
 
-def log_step_metrics(metrics: Mapping[str, float], step: int, *, run_id: str | None = None) -> int:
-    """Log ``metrics`` at ``step`` in batches (active run unless ``run_id``); returns how many were logged."""
+def log_step_metrics(metrics: Mapping[str, float], step: int, *, run_id: str | None = None, mlflow_client=None) -> int:
+    """Log ``metrics`` at ``step`` in batches (active run unless ``run_id``; this module's store
+    unless ``mlflow_client``); returns how many were logged."""
     from mlflow.entities import Metric
 
     rid = _active_run_id(run_id)
     kept = _finite_metrics(metrics, step)
     now = int(time.time() * 1000)
     batch = [Metric(key, value, now, int(step)) for key, value in kept.items()]
-    client = _client()
+    mlflow_client = mlflow_client or client()
     for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-        client.log_batch(rid, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
+        mlflow_client.log_batch(rid, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
     return len(batch)
 
 
@@ -362,7 +368,7 @@ def log_figure(figure: Any, artifact_file: str, *, run_id: str | None = None, dp
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         figure.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
-        _client().log_artifact(rid, str(path), artifact_path=artifact_dir or None)
+        client().log_artifact(rid, str(path), artifact_path=artifact_dir or None)
     return artifact_file
 
 
@@ -412,12 +418,12 @@ def log_table(
     """Log a table (row dicts or column dict) as ``<artifact_dir>/<name>.csv`` and ``.md``; returns both paths."""
     rid = _active_run_id(run_id)
     columns, rows = _table_rows(table)
-    client = _client()
+    mlflow_client = client()
     with tempfile.TemporaryDirectory() as tmp:
         csv_path, md_path = Path(tmp) / f"{name}.csv", Path(tmp) / f"{name}.md"
         csv_path.write_text(table_to_csv(columns, rows), encoding="utf-8")
         md_path.write_text(table_to_markdown(columns, rows), encoding="utf-8")
         for path in (csv_path, md_path):
-            client.log_artifact(rid, str(path), artifact_path=artifact_dir or None)
+            mlflow_client.log_artifact(rid, str(path), artifact_path=artifact_dir or None)
     prefix = f"{artifact_dir}/" if artifact_dir else ""
     return f"{prefix}{name}.csv", f"{prefix}{name}.md"
