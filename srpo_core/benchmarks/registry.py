@@ -44,7 +44,11 @@ class BenchmarkUnavailable(RuntimeError):
 
 
 class BenchmarkDataWarning(UserWarning):
-    """Malformed rows were skipped (``on_error="skip"``)."""
+    """Malformed rows were skipped (``on_error="skip"``); ``skipped`` says how many."""
+
+    def __init__(self, message: str, skipped: int = 0):
+        super().__init__(message)
+        self.skipped = skipped
 
 
 class RowError(ValueError):
@@ -180,8 +184,7 @@ class Benchmark:
             items.append(item)
         if errors:
             warnings.warn(
-                f"{self.name}: skipped {len(errors)} malformed rows of {label}; first: {errors[0]}",
-                BenchmarkDataWarning,
+                BenchmarkDataWarning(f"{self.name}: skipped {len(errors)} malformed rows of {label}; first: {errors[0]}", len(errors)),
                 stacklevel=3,
             )
             for message in errors:

@@ -75,8 +75,8 @@ class BenchmarkTask:
             else:
                 items = self.benchmark.load(self.source, on_error=self.on_error, **kwargs)
         for w in caught:  # re-emit (they were recorded to count them) and keep the count
-            if issubclass(w.category, BenchmarkDataWarning):
-                self.skipped_rows += _skipped_count(str(w.message))
+            if isinstance(w.message, BenchmarkDataWarning):
+                self.skipped_rows += w.message.skipped
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return items
 
@@ -119,14 +119,6 @@ class BenchmarkTask:
 
     def first_error(self, item: TaskItem, thoughts: list[str]) -> int | None:
         return None
-
-
-def _skipped_count(message: str) -> int:
-    # "<name>: skipped N malformed rows of <file>; first: ..."
-    try:
-        return int(message.split("skipped ", 1)[1].split(" ", 1)[0])
-    except (IndexError, ValueError):
-        return 0
 
 
 def register_all() -> None:
