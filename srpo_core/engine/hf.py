@@ -77,11 +77,13 @@ class _Chains:
         return None
 
     def thought_text(self, row: int, generated: list[int], end: int) -> str:
-        response = self.prefixes[row] + generated
-        return self.engine.decode(response[self.thought_start[row]:end])
+        """The open thought's text: response[thought_start:end], response = prefix + generated."""
+        prefix, start = self.prefixes[row], self.thought_start[row]
+        ids = generated[start - len(prefix) : end - len(prefix)] if start >= len(prefix) else prefix[start:] + generated[: end - len(prefix)]
+        return self.engine.decode(ids)
 
-    def end_thought(self, row: int, generated: list[int], end: int) -> None:
-        text = self.thought_text(row, generated, end)
+    def end_thought(self, row: int, generated: list[int], end: int, text: str | None = None) -> None:
+        text = self.thought_text(row, generated, end) if text is None else text
         self.spans[row].append((self.thought_start[row], end))
         self.thought_start[row] = end
         self.finish[row] = "answer" if BOXED in text else self._pre_thought_check(row, end)
@@ -206,9 +208,12 @@ class HFEngine(RolloutEngine):
             events = (is_eos | maybe_end | (tok_in_thought >= limits.max_thought_tokens)) & ~done
             if bool(events.any()):
                 flush()
-                for b in events.nonzero()[:, 0].tolist():
-                    row = int(active[b])
-                    if bool(is_eos[b]):
+                ev = events.nonzero()[:, 0]
+                # one device-to-host copy per field for all event rows, not one per row and field
+                fields = zip(ev.tolist(), active[ev].tolist(), is_eos[ev].tolist(), maybe_end[ev].tolist(), tok_in_thought[ev].tolist())
+                restart, finished = [], []
+                for b, row, eos, stop_tok, count in fields:
+                    if eos:
                         generated[row].pop(), logprobs[row].pop()  # the EOS token is not part of the response
                         end = len(chains.prefixes[row]) + len(generated[row])
                         if end > chains.thought_start[row]:
@@ -216,14 +221,18 @@ class HFEngine(RolloutEngine):
                         chains.finish[row] = "eos"
                     else:
                         end = len(chains.prefixes[row]) + len(generated[row])
-                        at_cap = int(tok_in_thought[b]) >= limits.max_thought_tokens
-                        is_stop = bool(maybe_end[b]) and (stop_single is not None or limits.stop in chains.thought_text(row, generated[row], end))
-                        if is_stop or at_cap:
-                            chains.end_thought(row, generated[row], end)
-                            tok_in_thought[b] = 0
+                        text = None if not stop_tok or stop_single is not None else chains.thought_text(row, generated[row], end)
+                        is_stop = stop_tok and (text is None or limits.stop in text)
+                        if is_stop or count >= limits.max_thought_tokens:
+                            chains.end_thought(row, generated[row], end, text)
+                            restart.append(b)
                     if chains.finish[row] is not None:
                         final_len[row] = len(generated[row])
-                        done[b] = True
+                        finished.append(b)
+                if restart:
+                    tok_in_thought[restart] = 0
+                if finished:
+                    done[finished] = True
                 if bool(done.all()):
                     break
                 n_done = int(done.sum())
