@@ -304,7 +304,7 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         for k, v in sh.timings.items():
             timings[k] = max(timings.get(k, 0.0), v)
     pipeline.assign_advantages(records)
-    metrics = pipeline.step_metrics(records, states, get_task(cfg.data.task, cfg.data.path), timings)
+    metrics = pipeline.step_metrics(records, states, get_task(cfg.data.task, cfg.data.path), timings, cfg.method.resolved_localizer)
     work = Path(tempfile.mkdtemp(prefix="srpo-learn-"))
     try:
         parent_dir = None

@@ -110,7 +110,7 @@ def run_rollout_phases(engine: RolloutEngine, task: Task, cfg: Config, items: li
     with timed(timings, "verification"):
         records = R.build_records(task, step, states, cfg.method.method, locs, suffixes)
     assign_advantages(records)
-    metrics = step_metrics(records, states, task, timings)
+    metrics = step_metrics(records, states, task, timings, cfg.method.resolved_localizer)
     return StepResult(records, metrics, timings)
 
 
@@ -152,7 +152,7 @@ def gradient_signal_ratio(records: list[R.Record]) -> tuple[float, float, float]
     return g_sp, g_base, (g_sp / g_base if sp and base and g_base > 0 else float("nan"))
 
 
-def step_metrics(records: list[R.Record], states: list[R.PromptState], task: Task, timings: dict[str, float]) -> dict[str, float]:
+def step_metrics(records: list[R.Record], states: list[R.PromptState], task: Task, timings: dict[str, float], localizer: str = "") -> dict[str, float]:
     m: dict[str, float] = {}
     for kind in ("base", "shared_prefix", "fallback", "seed"):
         rs = [r for r in records if r.group == kind]
@@ -180,7 +180,7 @@ def step_metrics(records: list[R.Record], states: list[R.PromptState], task: Tas
         m["reset/index_mean"] = _mean(r.reset_index for r in seeds)
         m["reset/relative_mean"] = _mean((r.reset_index - 1) / max(len(r.rollout.spans), 1) for r in seeds)
         status = Counter(r.localization_status for r in seeds)
-        m["localization/parse_rate"] = (status["boxed"] + status["step"]) / len(seeds) if {"boxed", "step", "fallback"} & set(status) else float("nan")
+        m["localization/parse_rate"] = (status["boxed"] + status["step"]) / len(seeds) if localizer == "self" else float("nan")  # the policy's answers only
         m["localization/fallback_rate"] = status["fallback"] / len(seeds)
         if task.has_step_checker:
             m["localization/oracle_agreement"] = _mean(float(r.oracle_first_error is not None and r.reset_index == R.oracle_reset(r.oracle_first_error, len(r.rollout.spans))) for r in seeds)

@@ -1,5 +1,7 @@
 """Algorithm 2 bookkeeping (seed search, base groups, fallbacks, resets) with a scripted engine."""
 
+import math
+
 import pytest
 
 from srpo_core import pipeline
@@ -81,6 +83,7 @@ def test_oracle_reset_equals_first_wrong_thought():
         assert seed.reset_index == k == synthetic.first_error(PROBLEMS[pid], seed.rollout.thoughts)
         assert seed.localization_status == "oracle"
     assert result.metrics["localization/oracle_agreement"] == 1.0
+    assert math.isnan(result.metrics["localization/parse_rate"])  # only the policy's own answers are parsed
 
 
 def test_oracle_agreement_counts_a_chain_that_stopped_early():

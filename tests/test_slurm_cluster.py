@@ -1,8 +1,8 @@
 """The sbatch wrappers on a real SLURM: a one-node cluster on loopback with two fake A100s
 (tests/slurm_cluster.py). Most jobs launch ``tests/slurm_cluster.py flow-shim``, which accepts the
 parameters of ``python flows/srpo_flow.py run`` and runs the plain trainer (``srpo train``) on the
-tiny preset for one step (about 20 s a job); ``test_train_sbatch_runs_the_real_flow`` (opt-in,
-minutes) leaves SRPO_CMD unset and runs the flow itself inside the allocation.
+tiny preset for one step (about 20 s a job); ``test_train_sbatch_runs_the_real_flow`` (about
+30 s) leaves SRPO_CMD unset and runs the flow itself inside the allocation.
 """
 
 from __future__ import annotations
