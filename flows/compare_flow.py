@@ -12,7 +12,7 @@ the learning-curve PNG and the MLflow parent/child runs are the same.
 
 from metaflow import Config, FlowSpec, Parameter, current, resources, step
 
-from srpo_core.training import default_config_path, parse_config
+from srpo_core.flow_driver import default_config_path, parse_config
 
 
 def _list(text: str) -> list[str]:
@@ -47,7 +47,7 @@ class CompareFlow(FlowSpec):
         from dataclasses import asdict
 
         from srpo_core import compare, tracking
-        from srpo_core.training import apply_overrides
+        from srpo_core.flow_driver import apply_overrides
 
         cfg = apply_overrides(self.config.to_dict(), "", "", "", -1, self.overrides, 0)
         plan = compare.plan_comparison(

@@ -9,7 +9,7 @@ flows/srpo_step_flow.py; this flow prepares, launches them in order, and reports
 
 from metaflow import Config, FlowSpec, Parameter, step
 
-from srpo_core.training import default_config_path, parse_config
+from srpo_core.flow_driver import default_config_path, parse_config
 
 
 class SRPOFlow(FlowSpec):
@@ -35,7 +35,7 @@ class SRPOFlow(FlowSpec):
 
     @step
     def start(self):
-        from srpo_core.training import apply_overrides, prepare
+        from srpo_core.flow_driver import apply_overrides, prepare
 
         cfg = apply_overrides(self.config.to_dict(), self.method, self.split, self.localizer, self.seed, self.overrides, self.steps)
         self.plan = prepare(cfg, self.training_id)
@@ -46,7 +46,7 @@ class SRPOFlow(FlowSpec):
 
     @step
     def train_step(self):
-        from srpo_core.training import launch_step, log_report
+        from srpo_core.flow_driver import launch_step, log_report
 
         report = launch_step(self.plan, self.plan.next_step, show_output=not self.quiet_steps)
         log_report(self.plan, report)
@@ -57,7 +57,7 @@ class SRPOFlow(FlowSpec):
 
     @step
     def end(self):
-        from srpo_core.training import finish
+        from srpo_core.flow_driver import finish
 
         self.summary = finish(self.plan, self.reports)
 

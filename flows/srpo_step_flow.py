@@ -9,7 +9,7 @@ import time
 
 from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step, timeout
 
-from srpo_core.training import default_config_path, parse_config
+from srpo_core.flow_driver import default_config_path, parse_config
 
 
 class SRPOStepFlow(FlowSpec):
@@ -32,7 +32,7 @@ class SRPOStepFlow(FlowSpec):
 
     @step
     def start(self):
-        from srpo_core.epoch import StepContext, plan_shards
+        from srpo_core.flow_phases import StepContext, plan_shards
 
         self.t0 = time.time()
         c = json.loads(self.context)
@@ -46,7 +46,7 @@ class SRPOStepFlow(FlowSpec):
     @resources(cpu=config.resources.generation.cpu, gpu=config.resources.generation.gpu, memory=config.resources.generation.memory)
     @step
     def generate(self):
-        from srpo_core.epoch import phase_generate
+        from srpo_core.flow_phases import phase_generate
 
         self.shard_index, item_ids = self.input
         self.key = phase_generate(self.ctx, self.shard_index, item_ids, current.retry_count)
@@ -57,7 +57,7 @@ class SRPOStepFlow(FlowSpec):
     @resources(cpu=config.resources.verification.cpu, memory=config.resources.verification.memory)
     @step
     def verify(self):
-        from srpo_core.epoch import phase_verify
+        from srpo_core.flow_phases import phase_verify
 
         self.key = phase_verify(self.ctx, self.shard_index, self.key, current.retry_count)
         self.next(self.localize)
@@ -67,7 +67,7 @@ class SRPOStepFlow(FlowSpec):
     @resources(cpu=config.resources.localization.cpu, gpu=config.resources.localization.gpu, memory=config.resources.localization.memory)
     @step
     def localize(self):
-        from srpo_core.epoch import phase_localize
+        from srpo_core.flow_phases import phase_localize
 
         self.key = phase_localize(self.ctx, self.shard_index, self.key, current.retry_count)
         self.next(self.suffix)
@@ -77,7 +77,7 @@ class SRPOStepFlow(FlowSpec):
     @resources(cpu=config.resources.suffix.cpu, gpu=config.resources.suffix.gpu, memory=config.resources.suffix.memory)
     @step
     def suffix(self):
-        from srpo_core.epoch import phase_suffix
+        from srpo_core.flow_phases import phase_suffix
 
         self.key = phase_suffix(self.ctx, self.shard_index, self.key, current.retry_count)
         self.next(self.verify_suffix)
@@ -87,7 +87,7 @@ class SRPOStepFlow(FlowSpec):
     @resources(cpu=config.resources.verification.cpu, memory=config.resources.verification.memory)
     @step
     def verify_suffix(self):
-        from srpo_core.epoch import phase_verify_suffix
+        from srpo_core.flow_phases import phase_verify_suffix
 
         self.key = phase_verify_suffix(self.ctx, self.shard_index, self.key, current.retry_count)
         self.next(self.join)
@@ -102,7 +102,7 @@ class SRPOStepFlow(FlowSpec):
     @resources(cpu=config.resources.learner.cpu, gpu=config.resources.learner.gpu, memory=config.resources.learner.memory, shared_memory=config.resources.learner.shared_memory)
     @step
     def learner(self):
-        from srpo_core.epoch import phase_learn
+        from srpo_core.flow_phases import phase_learn
 
         outcome = phase_learn(self.ctx, self.shard_keys)
         self.checkpoint, self.metrics = outcome.checkpoint, outcome.metrics
@@ -112,7 +112,7 @@ class SRPOStepFlow(FlowSpec):
     @resources(cpu=config.resources.evaluation.cpu, gpu=config.resources.evaluation.gpu, memory=config.resources.evaluation.memory)
     @step
     def evaluate(self):
-        from srpo_core.epoch import phase_evaluate
+        from srpo_core.flow_phases import phase_evaluate
 
         start = time.perf_counter()
         self.evaluations = phase_evaluate(self.ctx, self.total_steps, progress=False)

@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> module that defines `register(subparsers)` and sets `func` on its parser
 SUBCOMMANDS: dict[str, str] = {
-    "train": "srpo_core.train",
+    "train": "srpo_core.loop",
     "build-tiny": "srpo_core.tiny.build",
     "score": "srpo_core.benchmarks.score",
     "compare": "srpo_core.compare",

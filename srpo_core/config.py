@@ -20,11 +20,15 @@ from typing import Any
 
 import yaml
 
-METHODS = ("grpo", "rrpo", "srpo")
-SPLITS = ("1x4", "2x4", "1x8")
-LOCALIZERS = ("random", "self", "oracle", "divergence")
-DEFAULT_LOCALIZER = {"grpo": "random", "rrpo": "random", "srpo": "self"}
-LOSSES = ("pg", "clip")
+from srpo_core import methods as _methods
+from srpo_core.rollouts import LOCALIZERS as _LOCALIZERS
+from srpo_core.rollouts import SPLITS as _SPLITS
+
+# The names a config may choose, read from the registries (one list of names each).
+METHODS = _methods.names()
+SPLITS = tuple(_SPLITS)
+LOCALIZERS = tuple(_LOCALIZERS)
+LOSSES = tuple(dict.fromkeys(loss for name in METHODS for loss in _methods.get(name).losses))
 
 
 class ConfigError(ValueError):
@@ -42,11 +46,12 @@ class ModelConfig:
     dtype: str = "bfloat16"
     max_model_len: int = 32768
     chat_template_for_localization: bool = True
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # refused when true: srpo never runs code from a model repository
     threads: int = 0  # torch CPU threads per process (0: torch's default); 1 suits tiny models
 
     def __post_init__(self):
         _require(self.threads >= 0, "model.threads", "must be >= 0")
+        _require(not self.trust_remote_code, "model.trust_remote_code", "is not supported: srpo never runs code shipped with a model (use a model transformers supports natively)")
         _require(bool(self.name_or_path), "model.name_or_path", "must be a Hugging Face id, a path or builtin:NAME")
         _require(self.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", "float32|bfloat16|float16|auto")
         _require(self.max_model_len > 0, "model.max_model_len", "must be > 0")
@@ -89,22 +94,31 @@ class MethodConfig:
     localization_template: str = "localization_v1"
     localization_temperature: float = -1.0  # < 0: 0.3 for 1x4 and 2x4, 0.0 for 1x8 (REFERENCE.md)
     localization_max_tokens: int = 4096
+    options: dict = field(default_factory=dict)  # the method's own settings (its options_class in srpo_core/methods/)
 
     def __post_init__(self):
         _require(self.method in METHODS, "method.method", f"one of {METHODS}")
         _require(self.split in SPLITS, "method.split", f"one of {SPLITS}")
-        loc = self.resolved_localizer
-        _require(loc in LOCALIZERS, "method.localizer", f"one of {LOCALIZERS}")
-        _require(self.method != "rrpo" or loc == "random", "method.localizer", "rrpo resets at random; use srpo for other localizers")
-        _require(self.method != "srpo" or loc != "random", "method.localizer", "srpo with random resets is rrpo")
-        _require(self.rollouts_per_prompt == 8 or self.method == "grpo", "method.rollouts_per_prompt", "the reset splits are defined for a budget of 8")
+        _require(self.resolved_localizer in LOCALIZERS, "method.localizer", f"one of {LOCALIZERS}")
         _require(self.rollouts_per_prompt > 1, "method.rollouts_per_prompt", "must be > 1")
         _require(self.seed_search_budget >= 1, "method.seed_search_budget", "must be >= 1")
         _require(self.localization_max_tokens > 0, "method.localization_max_tokens", "must be > 0")
+        for key, reason in self.spec.validate(self):
+            _require(False, key, reason)
+        self.parsed_options  # noqa: B018 - validates method.options against the method's options_class
+
+    @property
+    def spec(self) -> "_methods.Method":
+        """The registered method this config names."""
+        return _methods.get(self.method)
+
+    @property
+    def parsed_options(self):
+        return _build(self.spec.options_class, self.options, "method.options")
 
     @property
     def resolved_localizer(self) -> str:
-        return self.localizer or DEFAULT_LOCALIZER[self.method]
+        return self.localizer or self.spec.default_localizer
 
     @property
     def resolved_localization_temperature(self) -> float:
@@ -224,6 +238,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: dict = field(default_factory=dict)  # per-step scheduler requests (flows, SLURM)
+
+    def __post_init__(self):
+        losses = self.method.spec.losses
+        _require(self.loss.loss in losses, "loss.loss", f"method {self.method.method} trains with {' or '.join(losses)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     """Worker entry point, one per process under torchrun: `python -m srpo_core.distributed REQUEST.json`."""
     from srpo_core.config import from_dict
     from srpo_core.learner import TrainSequence
-    from srpo_core.train import set_threads
+    from srpo_core.runtime import set_threads
 
     (path,) = argv if argv is not None else sys.argv[1:]
     req = json.loads(Path(path).read_text())

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from srpo_core import templates
 from srpo_core.config import Config
 from srpo_core.engine.base import RolloutEngine, SamplingParams, ThoughtRequest
-from srpo_core.pipeline import limits_of, sampling_of
+from srpo_core.shard import limits_of, sampling_of
 from srpo_core.tasks import Task, TaskItem
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import torch
 
 from srpo_core import algos
 from srpo_core import distributed as D
+from srpo_core.runtime import load_model, load_tokenizer, torch_dtype
 
 LOGPROB_CHUNK_TOKENS = 1024  # algos.token_logprobs: the float32 softmax of ~1k tokens at a time (docs/memory.md)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,6 @@ class TrainSequence:
     advantage: float
     old_logprobs: list[float]  # rollout log-probs of the generated tokens (len = response - prefix)
     prompt_index: int  # which prompt of the step (mini-batches are formed over prompts)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 class Learner:
@@ -57,10 +48,10 @@ class Learner:
             from transformers import AutoConfig
 
             with init_empty_weights():  # parameters on the meta device (no memory), buffers real
-                base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=DTYPES[dtype])
+                base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch_dtype(dtype))
             base.tie_weights()  # init_empty_weights re-creates each parameter, which unties embeddings
         else:
-            base = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+            base = load_model(model_path, dtype, device="cpu", trainable=True)  # moved or sharded below
         if gradient_checkpointing:
             base.gradient_checkpointing_enable()
         if adapter_path and not skeleton:

@@ -1,6 +1,6 @@
 """Rollout groups: paper algorithm 2 (and GRPO), with the budget of 8 rollouts per prompt.
 
-  grpo          8 iid rollouts from the prompt, one group.
+  (grpo         8 iid rollouts from the prompt, one group: srpo_core/methods/grpo.py.)
   rrpo / srpo   Sample iid chains until the first incorrect one (the seed; at most
                 `seed_search_budget` attempts). Chains other than the seed fill the base group up
                 to G=4 (extra ones are dropped); the seed is never trained on. Pick the reset
@@ -91,37 +91,33 @@ class Record:
 
 # ---- seed search and the base group -------------------------------------------------------------
 
-def wanted_attempts(state: PromptState, method: str, spec: SplitSpec, budget: int, rollouts_per_prompt: int) -> int:
+def wanted_attempts(state: PromptState, spec: SplitSpec, budget: int) -> int:
     """How many more iid chains this prompt needs in the seed-search phase."""
-    if method == "grpo":
-        return rollouts_per_prompt - state.attempts
     if len(state.seeds) >= spec.seeds or state.attempts >= budget:
         return 0
     need = spec.seeds - len(state.seeds) + max(0, spec.group_size - len(state.collected))
     return min(budget - state.attempts, max(need, spec.group_size))
 
 
-def absorb(state: PromptState, attempts: list[Attempt], method: str, spec: SplitSpec, incorrect_threshold: float) -> None:
+def absorb(state: PromptState, attempts: list[Attempt], spec: SplitSpec, incorrect_threshold: float) -> None:
     """Take attempts in sampling order: the first incorrect chains (with >= 1 thought) become
     seeds; other chains are kept for the base group up to G; the rest are dropped."""
     for att in attempts:
         state.attempts += 1
         if not att.rollout.spans:
             att.reward = 0.0
-        is_seed = method != "grpo" and att.reward <= incorrect_threshold and bool(att.rollout.spans) and len(state.seeds) < spec.seeds
+        is_seed = att.reward <= incorrect_threshold and bool(att.rollout.spans) and len(state.seeds) < spec.seeds
         if is_seed:
             state.seeds.append(att)
-        elif method == "grpo" or len(state.collected) < spec.group_size:
+        elif len(state.collected) < spec.group_size:
             state.collected.append(att)
         else:
             state.dropped += 1
             state.dropped_tokens += att.rollout.generated_tokens
 
 
-def base_capacity(state: PromptState, method: str, spec: SplitSpec, rollouts_per_prompt: int) -> int:
-    if method == "grpo" or not state.seeds:
-        return rollouts_per_prompt
-    return rollouts_per_prompt - spec.suffixes * len(state.seeds)
+def base_capacity(state: PromptState, spec: SplitSpec, rollouts_per_prompt: int) -> int:
+    return rollouts_per_prompt - spec.suffixes * len(state.seeds) if state.seeds else rollouts_per_prompt
 
 
 def verify(task: Task, item: TaskItem, rollouts: list[Rollout], timings: dict[str, float] | None = None) -> list[Attempt]:
@@ -146,21 +142,21 @@ def round_sampling(sampling: SamplingParams, round_index: int) -> SamplingParams
     return SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, seed=sampling.seed * 1000 + round_index)
 
 
-def round_counts(states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int) -> list[int]:
-    return [wanted_attempts(s, method, SPLITS[split], budget, rollouts_per_prompt) for s in states]
+def round_counts(states: list[PromptState], spec: SplitSpec, budget: int) -> list[int]:
+    return [wanted_attempts(s, spec, budget) for s in states]
 
 
-def absorb_round(task: Task, states: list[PromptState], rollouts: list[list[Rollout]], method: str, split: str, incorrect_threshold: float, timings: dict[str, float] | None = None) -> None:
+def absorb_round(task: Task, states: list[PromptState], rollouts: list[list[Rollout]], spec: SplitSpec, incorrect_threshold: float, timings: dict[str, float] | None = None) -> None:
     for state, rs in zip(states, rollouts):
-        absorb(state, verify(task, state.item, rs, timings), method, SPLITS[split], incorrect_threshold)
+        absorb(state, verify(task, state.item, rs, timings), spec, incorrect_threshold)
 
 
-def finalize_base(states: list[PromptState], method: str, split: str, rollouts_per_prompt: int) -> list[int]:
+def finalize_base(states: list[PromptState], spec: SplitSpec, rollouts_per_prompt: int) -> list[int]:
     """Close the seed search: keep collected chains up to each prompt's base capacity (the rest
     are dropped) and return how many fresh iid chains fill each base group."""
     fill = []
     for s in states:
-        cap = base_capacity(s, method, SPLITS[split], rollouts_per_prompt)
+        cap = base_capacity(s, spec, rollouts_per_prompt)
         s.base = s.collected[:cap]
         s.dropped += len(s.collected) - len(s.base)
         s.dropped_tokens += sum(a.rollout.generated_tokens for a in s.collected[cap:])
@@ -171,25 +167,26 @@ def finalize_base(states: list[PromptState], method: str, split: str, rollouts_p
 FILL_ROUND = 999  # sampling-seed slot of the base-fill chains
 
 
-def finish_seed_search(engine: RolloutEngine, task: Task, states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int, incorrect_threshold: float, limits: ThoughtLimits, sampling: SamplingParams, first_round: int = 0, timings: dict[str, float] | None = None) -> tuple[int, list[list[Rollout]]]:
+@dataclass(frozen=True)
+class SeedSearch:
+    """The settings of algorithm 2's seed search (from `method.*`)."""
+
+    spec: SplitSpec
+    budget: int  # seed_search_budget: attempts per prompt
+    rollouts_per_prompt: int
+    incorrect_threshold: float
+
+
+def finish_seed_search(engine: RolloutEngine, task: Task, states: list[PromptState], search: SeedSearch, limits: ThoughtLimits, sampling: SamplingParams, first_round: int = 0, timings: dict[str, float] | None = None) -> tuple[int, list[list[Rollout]]]:
     """Rounds of batched sampling from `first_round` on until every prompt has its seeds or spent
     its budget; then the base groups are finalized and their fill chains sampled (not scored).
     Returns (rounds run in all, fill chains per state)."""
     rounds = first_round
-    while any(counts := round_counts(states, method, split, budget, rollouts_per_prompt)):
-        absorb_round(task, states, sample(engine, states, counts, limits, round_sampling(sampling, rounds)), method, split, incorrect_threshold, timings)
+    while any(counts := round_counts(states, search.spec, search.budget)):
+        absorb_round(task, states, sample(engine, states, counts, limits, round_sampling(sampling, rounds)), search.spec, search.incorrect_threshold, timings)
         rounds += 1
-    fill = finalize_base(states, method, split, rollouts_per_prompt)
+    fill = finalize_base(states, search.spec, search.rollouts_per_prompt)
     return rounds, sample(engine, states, fill, limits, round_sampling(sampling, FILL_ROUND))
-
-
-def search_seeds(engine: RolloutEngine, task: Task, states: list[PromptState], method: str, split: str, budget: int, rollouts_per_prompt: int, incorrect_threshold: float, limits: ThoughtLimits, sampling: SamplingParams, timings: dict[str, float] | None = None) -> int:
-    """The whole seed search (`finish_seed_search` from round 0) with the fill chains scored into
-    the base groups. Returns the number of rounds run."""
-    rounds, fill = finish_seed_search(engine, task, states, method, split, budget, rollouts_per_prompt, incorrect_threshold, limits, sampling, 0, timings)
-    for state, rollouts in zip(states, fill):
-        state.base.extend(verify(task, state.item, rollouts, timings))
-    return rounds
 
 
 # ---- localization ------------------------------------------------------------------------------
@@ -309,12 +306,12 @@ def sample_suffixes(engine: RolloutEngine, cases: list[SeedCase], locs: list[Loc
     return engine.generate_thoughts([reset_request(c, loc.index, n) for c, loc in zip(cases, locs)], limits, sampling)
 
 
-def build_records(task: Task, step: int, states: list[PromptState], method: str, locs: list[Localization], suffixes: list[list[Rollout]]) -> list[Record]:
+def build_records(task: Task, step: int, states: list[PromptState], locs: list[Localization], suffixes: list[list[Rollout]]) -> list[Record]:
     """Records for every rollout (seeds included, marked `seed`), with their group ids."""
     records: list[Record] = []
     k = 0
     for s in states:
-        kind = "base" if (method == "grpo" or s.seeds) else "fallback"
+        kind = "base" if s.seeds else "fallback"
         gid = f"{step}:{s.item.id}:{kind}"
         records += [Record(a.rollout, s.item, kind, gid, a.reward) for a in s.base]
         for j, seed in enumerate(s.seeds):
@@ -325,6 +322,11 @@ def build_records(task: Task, step: int, states: list[PromptState], method: str,
             sp = f"{step}:{s.item.id}:sp{j}"
             for r in group:
                 records.append(Record(r, s.item, "shared_prefix", sp, task.reward(s.item, r.text), loc.index, oracle, loc.status))
+    return mark_steps_valid(task, records)
+
+
+def mark_steps_valid(task: Task, records: list[Record]) -> list[Record]:
+    """`steps_valid` of every record where the task has a step checker (else left None)."""
     if task.has_step_checker:
         for rec in records:
             rec.steps_valid = task.first_error(rec.item, rec.rollout.thoughts) is None

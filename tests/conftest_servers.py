@@ -26,11 +26,11 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
-from srpo_core.server.launch import http_status
 from pathlib import Path
 
 import pytest
+
+from srpo_core.server.launch import http_status
 
 S3_READY_TIMEOUT_S = 30.0
 MLFLOW_READY_TIMEOUT_S = 120.0  # sqlite migrations + uvicorn import on a shared 2-core machine

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from srpo_core.config import load_config
-from srpo_core.training import kubernetes_env
+from srpo_core.flow_driver import kubernetes_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from srpo_core import pipeline
 from srpo_core.config import load_config
-from srpo_core.train import open_session, train_step
+from srpo_core.loop import open_session, train_step
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +72,6 @@ def test_zero_advantage_step_leaves_weights(session):
 
 def test_prefix_tokens_get_no_gradient(session):
     """The loss of a shared-prefix sequence does not depend on its prefix tokens' log-probs."""
-    from srpo_core import algos
 
     learner = session.learner
     ids = session.engine.encode("Q:7*3-2|")

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from srpo_core import pipeline
 from srpo_core import rollouts as R
+from srpo_core import step
 from srpo_core.config import load_config
 from srpo_core.tasks import SyntheticTask, TaskItem, synthetic
 from tests.scripted_engine import ScriptedEngine
@@ -17,7 +17,7 @@ def run(script, method="srpo", split="1x4", localizer="oracle", answer="\\boxed{
     cfg = load_config("tiny", {"method.method": method, "method.split": split, "method.localizer": localizer if method != "grpo" else ""})
     engine = ScriptedEngine(PROBLEMS, script, answer)
     items = [TaskItem(p.id, p.question, p.answer) for p in PROBLEMS.values()]
-    result = pipeline.run_rollout_phases(engine, SyntheticTask(), cfg, items, step=0)
+    result = step.run_rollout_phases(engine, SyntheticTask(), cfg, items, step=0)
     return engine, result
 
 

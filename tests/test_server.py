@@ -5,25 +5,25 @@ weight-sync canary catching a stale adapter, health/ready, and an unreachable se
 
 from __future__ import annotations
 
-from http.client import HTTPConnection
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 import pytest
 import torch
 
-from srpo_core import pipeline, templates
+from srpo_core import step, templates
 from srpo_core.config import load_config
 from srpo_core.engine.base import SamplingParams, ThoughtLimits, ThoughtRequest
 from srpo_core.engine.remote import AdapterVersionError, RemoteEngine, RemoteEngineError, ServerNotReadyError, ServerUnreachableError
 from srpo_core.learner import TrainSequence
+from srpo_core.loop import open_session
 from srpo_core.server import StaleAdapterError, adapter_sha256, canary_check, start_server
 from srpo_core.server.launch import ServerStartError
 from srpo_core.tasks import get_task, synthetic
-from srpo_core.train import open_session
 from tests.conftest_servers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -60,7 +60,7 @@ def reference_engine(model_path: str, adapter_dir, version: str):
     from transformers import AutoModelForCausalLM
 
     from srpo_core.engine.hf import HFEngine
-    from srpo_core.learner import load_tokenizer
+    from srpo_core.runtime import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval() if adapter_dir else base.eval()
@@ -235,8 +235,8 @@ def test_rollout_phases_through_the_server_equal_in_process(server, adapters, ti
     remote = server.engine()
     remote.load_adapter(str(adapters["v2"]), "ph-v2")
     ref = reference_engine(tiny_model_path, adapters["v2"], "ph-v2")
-    got = pipeline.run_rollout_phases(remote, task, cfg, items, step=0)
-    want = pipeline.run_rollout_phases(ref, task, cfg, items, step=0)
+    got = step.run_rollout_phases(remote, task, cfg, items, step=0)
+    want = step.run_rollout_phases(ref, task, cfg, items, step=0)
     key = lambda res: [(r.group_id, r.rollout.response_ids, r.rollout.spans, r.reward, r.rollout.adapter_version) for r in res.records]
     assert key(got) == key(want) and got.records
     assert {r.rollout.adapter_version for r in got.records} == {"ph-v2"}

@@ -8,7 +8,6 @@ tiny preset for one step (about 20 s a job); ``test_train_sbatch_runs_the_real_f
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import free_port, pid_alive
-
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM = REPO / "tests" / "slurm_cluster.py"

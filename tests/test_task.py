@@ -50,7 +50,7 @@ def test_splits_are_seeded_and_disjoint():
 def test_step_count_follows_the_items_the_dataset_has():
     """numinamath's local sample holds 76 train items, fewer than data.train_size: 9 steps of 8 per
     epoch, and the last step's cursor still names real items."""
-    from srpo_core import epoch
+    from srpo_core import data_order as epoch
     from srpo_core.config import load_config
 
     cfg = load_config("tiny", {"data.task": "numinamath_olympiads", "data.train_size": 1000, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8, "train.epochs": 2})

@@ -329,7 +329,7 @@ def test_server_with_vllm_engine_passes_the_canary(tiny_model_path, lora_dir, tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from srpo_core.learner import load_tokenizer
+    from srpo_core.runtime import load_tokenizer
     from srpo_core.server import canary_check, start_server
 
     ref = HFEngine(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), str(lora_dir)).eval(), load_tokenizer(tiny_model_path))

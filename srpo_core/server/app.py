@@ -123,15 +123,12 @@ class Backend(abc.ABC):
 
 class HFBackend(Backend):
     def __init__(self, model_path: str, dtype: str | None = None, device: str | None = None, max_batch_rows: int = 256):
-        import torch
-        from transformers import AutoModelForCausalLM
-
         from srpo_core.engine.hf import HFEngine
-        from srpo_core.learner import DTYPES, load_tokenizer
+        from srpo_core.runtime import default_device, load_model, load_tokenizer
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or default_device()
         self.dtype = dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[self.dtype]).to(self.device).eval()
+        model = load_model(model_path, self.dtype, device=self.device)
         self.base = model
         self.peft = None
         self.engine = HFEngine(model, load_tokenizer(model_path), max_batch_rows=max_batch_rows)

@@ -1,6 +1,7 @@
-"""The training driver behind flows/srpo_flow.py: prepare (fail fast, resume point, MLflow run),
-launch one epoch-step run per step through Metaflow's Runner, log what it returns, summarise.
-Each function is one flow step's work; the flow only stores what they return."""
+"""The flow driver behind flows/srpo_flow.py: prepare (fail fast, resume point, MLflow run),
+launch one epoch-step run (flows/srpo_step_flow.py, whose steps call srpo_core/flow_phases.py) per
+step through Metaflow's Runner, log what it returns, summarise. Each function is one flow step's
+work; the flow only stores what they return."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from srpo_core import epoch
+from srpo_core import data_order, identity
 from srpo_core import store as S
-from srpo_core.config import Config, ConfigError, from_dict, parse_overrides, results_config
+from srpo_core.config import Config, ConfigError, from_dict, results_config
 
 PHASES = ("generation", "localization", "suffix", "learner", "evaluation", "verification")
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120, "shared_memory": None}  # shared_memory: MB of /dev/shm (Kubernetes)
@@ -50,16 +51,9 @@ def default_config_path(_ctx=None) -> str:
 
 
 def apply_overrides(cfg_dict: dict, method: str, split: str, localizer: str, seed: int, sets: str, steps: int) -> Config:
-    flags = {"method.method": method or None, "method.split": split or None, "method.localizer": localizer or None, "train.seed": seed if seed >= 0 else None, "train.max_steps": steps or None}
-    over = {k: v for k, v in flags.items() if v is not None}
-    if method and not localizer:
-        over["method.localizer"] = ""
-    over.update(parse_overrides(shlex.split(sets or "")))
+    """The flow's parameters (empty / negative: not given) over its config, by identity's rules."""
+    over = identity.flag_overrides(method=method or None, split=split or None, localizer=localizer or None, seed=seed if seed >= 0 else None, steps=steps or None, sets=shlex.split(sets or ""))
     return from_dict(cfg_dict).override(**over) if over else from_dict(cfg_dict)
-
-
-def new_training_id(cfg: Config) -> str:
-    return f"{cfg.method.method}-{cfg.method.split}-s{cfg.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @dataclass
@@ -77,7 +71,7 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
     """Everything that can fail cheaply, before any model is loaded: data, store, MLflow."""
     from srpo_core import tracking
 
-    items = epoch.train_items(cfg)  # a missing dataset fails here, naming the file
+    items = data_order.train_items(cfg)  # a missing dataset fails here, naming the file
     if len(items) < cfg.train.prompts_per_step:
         raise ValueError(f"data.task {cfg.data.task!r} has {len(items)} training items < train.prompts_per_step={cfg.train.prompts_per_step}")
     store = S.open_store()
@@ -87,18 +81,18 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
         from srpo_core.engine.remote import RemoteEngine
 
         RemoteEngine(cfg.rollout.server_url).check_ready()  # fails fast, naming the URL
-    tid = training_id or new_training_id(cfg)
-    last = epoch.resume_point(store, tid)
+    tid = training_id or identity.training_id(cfg)
+    last = S.resume_point(store, tid)
     resumed = last is not None
     if resumed:
         old = S.read_manifest(store, tid, last)
         if old.config_hash != S.config_hash(results_config(cfg.to_dict())):
             raise ConfigError(f"training {tid!r} was started with another config (hash {old.config_hash}); resume it with the same config and flags (resources, rollout.server_url, train.processes and model.threads may change)")
-    tags = {"method": cfg.method.method, "split": cfg.method.split, "localizer": cfg.method.resolved_localizer, "seed": str(cfg.train.seed), "model": cfg.model.name_or_path, "training_id": tid, "task": cfg.data.task}
+    tags = identity.tags(cfg, tid)
     run_id = find_mlflow_run(tid, experiment)
     with tracking.start_training_run(experiment, run_name=tid, tags=tags, params=tracking.flatten_config(cfg.to_dict()), run_id=run_id) as run:
         mlflow_run_id = run.run_id
-    return Plan(cfg.to_dict(), tid, store.uri, epoch.n_steps(cfg), 0 if last is None else last + 1, mlflow_run_id, uri)
+    return Plan(cfg.to_dict(), tid, store.uri, data_order.n_steps(cfg, items), 0 if last is None else last + 1, mlflow_run_id, uri)
 
 
 def find_mlflow_run(training_id: str, experiment: str) -> str | None:
@@ -176,8 +170,8 @@ def inference_server(cfg: Config):
     if cfg.rollout.server_url != "auto":
         yield cfg.rollout.server_url
         return
+    from srpo_core.runtime import resolve_model_path
     from srpo_core.server.launch import start_server
-    from srpo_core.train import resolve_model_path
 
     with start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None) as handle:
         yield handle.url
@@ -208,9 +202,9 @@ def failure_report(run, result) -> str:
 
 
 def log_report(plan: Plan, report: StepReport) -> None:
-    from srpo_core import tracking
-
     import mlflow
+
+    from srpo_core import tracking
 
     mlflow.set_tracking_uri(plan.tracking_uri)
     mlflow.MlflowClient().set_tag(plan.mlflow_run_id, f"metaflow_run.step_{report.step:04d}", report.metaflow_run)

@@ -1,10 +1,12 @@
-"""The plain training loop (no workflow engine): steps of rollouts -> rewards -> advantages ->
-update, with greedy evaluation on the task's test split before and after.
+"""The plain loop (no workflow engine): epoch steps of the step algorithm (srpo_core/step.py) in
+memory, each followed by the learner update, with greedy evaluation on the task's test split
+before and after.
 
     srpo train --config tiny --method srpo --split 1x4 --localizer oracle --steps 2 --seed 0
 
-Flags override the config; `--set key=value` overrides any dotted key. The Metaflow flow calls
-the same phase functions (pipeline.py) one workflow step at a time.
+Flags override the config (identity.flag_overrides); `--set key=value` overrides any dotted key.
+The flow (flows/srpo_flow.py) runs the same phase functions one Metaflow step at a time, through
+the store, with the same seeds and data order.
 """
 
 from __future__ import annotations
@@ -13,45 +15,47 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from srpo_core import pipeline
-from srpo_core.config import LOCALIZERS, LOSSES, METHODS, SPLITS, Config, load_config, parse_overrides
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    from srpo_core.tiny.build import resolve_model_path as resolve
-
-    return resolve(name_or_path)
+from srpo_core import data_order, step
+from srpo_core.config import LOCALIZERS, LOSSES, METHODS, SPLITS, Config, load_config
+from srpo_core.identity import flag_overrides, policy_version
+from srpo_core.records import write_records
 
 
 @dataclass
 class Session:
-    """The live objects of a training: learner (owns the LoRA model) and an engine over it."""
+    """The live objects of a training: learner (owns the LoRA model), an engine sampling from its
+    current policy, and the task."""
 
     cfg: Config
     learner: object
     engine: object
     task: object
 
+    def sync_policy(self, version: str) -> None:
+        """Make the engine sample from the learner's current weights (named `version`)."""
+        from srpo_core.engine.hf import HFEngine
 
-def set_threads(cfg: Config) -> None:
-    import torch
-
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
+        if isinstance(self.engine, HFEngine):  # samples from the learner's own module
+            self.engine.adapter_version = version
+            return
+        work = Path(tempfile.mkdtemp(prefix=f"srpo-policy-{version}-"))  # vLLM loads the LoRA from disk
+        self.learner.save_adapter(work)
+        self.engine.use_adapter(self.engine.make_lora_request(version, str(work)), version)
 
 
 def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
     import torch
 
     from srpo_core.distributed import resolve_processes
-    from srpo_core.engine.hf import HFEngine
     from srpo_core.learner import learner_from_config
+    from srpo_core.runtime import build_engine, set_threads
     from srpo_core.tasks import get_task
 
     set_threads(cfg)
@@ -61,23 +65,29 @@ def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
         print(f"note: this in-process loop trains with one learner process; train.processes={cfg.train.processes} applies to the flow's learner step (python flows/srpo_flow.py run)", file=sys.stderr)
     learner = learner_from_config(cfg, adapter_path)
     learner.model.eval()
-    engine = HFEngine(learner.model, learner.tokenizer, adapter_version="step-0")
+    version = policy_version(None)
+    if cfg.rollout.engine == "hf":
+        from srpo_core.engine.hf import HFEngine
+
+        engine = HFEngine(learner.model, learner.tokenizer, adapter_version=version)
+    else:
+        engine = build_engine(cfg, adapter_path, version)
     return Session(cfg, learner, engine, get_task(cfg.data.task, cfg.data.path))
 
 
-def train_step(session: Session, items, step: int, out_dir: Path | None = None) -> pipeline.StepResult:
-    """One full step: rollout phases, then the learner update. Writes rollouts.jsonl if out_dir."""
+def train_step(session: Session, items, step_index: int, out_dir: Path | None = None) -> step.StepResult:
+    """One full step: the rollout phases, then the learner update. Writes rollouts.jsonl if out_dir."""
     cfg = session.cfg
     start = time.perf_counter()
-    result = pipeline.run_rollout_phases(session.engine, session.task, cfg, items, step)
-    with pipeline.timed(result.timings, "learner"):
-        seqs = pipeline.train_sequences(result.records)
-        result.metrics.update(session.learner.update(seqs, cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens))
-    session.engine.adapter_version = f"step-{step + 1}"
+    result = step.run_rollout_phases(session.engine, session.task, cfg, items, step_index)
+    t = time.perf_counter()
+    result.metrics.update(session.learner.update(step.train_sequences(cfg, result.records), cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens))
+    result.timings["learner"] = time.perf_counter() - t
+    session.sync_policy(policy_version(step_index))
     result.timings["step"] = time.perf_counter() - start
     result.metrics.update({f"time/{k}": v for k, v in result.timings.items()})
     if out_dir is not None:
-        pipeline.write_records(out_dir / "steps" / f"{step:06d}" / "rollouts.jsonl", result.records, step, cfg)
+        write_records(out_dir / "steps" / f"{step_index:06d}" / "rollouts.jsonl", result.records, step_index, cfg)
     return result
 
 
@@ -95,14 +105,14 @@ def run_steps(session: Session, out_dir: Path, max_steps: int | None = None):
     """The training steps in the configured data order: yields (step, StepResult); each step's
     metrics go to out_dir/metrics.jsonl after the caller has seen (and may extend) them."""
     cfg = session.cfg
-    train_items = session.task.items("train", cfg.data.train_size, cfg.data.data_seed)
-    batches = pipeline.step_batches(len(train_items), cfg.train.prompts_per_step, cfg.train.epochs, cfg.train.seed)
-    limit = max_steps if max_steps is not None else (cfg.train.max_steps or len(batches))
+    items = data_order.train_items(cfg)
+    batches = data_order.batches_of(cfg, items)
+    limit = data_order.n_steps(cfg, items, max_steps)
     with (out_dir / "metrics.jsonl").open("w") as fh:
-        for step, batch in enumerate(batches[:limit]):
-            result = train_step(session, [train_items[i] for i in batch], step, out_dir)
-            yield step, result
-            fh.write(json.dumps({"step": step, **result.metrics}) + "\n")
+        for step_index, batch in enumerate(batches[:limit]):
+            result = train_step(session, [items[i] for i in batch], step_index, out_dir)
+            yield step_index, result
+            fh.write(json.dumps({"step": step_index, **result.metrics}) + "\n")
 
 
 def train(cfg: Config, out_dir: Path, max_steps: int | None = None, progress: bool = True) -> TrainSummary:
@@ -118,8 +128,8 @@ def train(cfg: Config, out_dir: Path, max_steps: int | None = None, progress: bo
     before = evaluate(session.engine, session.task, test_items, cfg, progress=progress)
     history = []
     bar = tqdm(run_steps(session, out_dir, max_steps), desc=f"train {cfg.method.method}", disable=not progress)
-    for step, result in bar:
-        history.append({"step": step, **result.metrics})
+    for step_index, result in bar:
+        history.append({"step": step_index, **result.metrics})
         bar.set_postfix(reward=f"{result.metrics.get('reward/base/mean', float('nan')):.2f}", sp=f"{result.metrics.get('reward/shared_prefix/mean', float('nan')):.2f}")
     after = evaluate(session.engine, session.task, test_items, cfg, progress=progress)
     session.learner.save_adapter(out_dir / "adapter")
@@ -131,16 +141,11 @@ def train(cfg: Config, out_dir: Path, max_steps: int | None = None, progress: bo
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = parse_overrides(args.set or [])
-    flags = {"method.method": args.method, "method.split": args.split, "method.localizer": args.localizer, "train.seed": args.seed, "loss.loss": args.loss}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    if args.method is not None and args.localizer is None:
-        overrides.setdefault("method.localizer", "")
-    return load_config(args.config, overrides)
+    return load_config(args.config, flag_overrides(method=args.method, split=args.split, localizer=args.localizer, seed=args.seed, loss=args.loss, sets=args.set or []))
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="preset name (tiny, paper, paper_olmo) or a YAML file")
+    p.add_argument("--config", default="tiny", help="preset name (tiny, paper, paper_olmo, ...) or a YAML file")
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--split", choices=SPLITS)
     p.add_argument("--localizer", choices=LOCALIZERS)

@@ -1,0 +1,314 @@
+"""The comparison's reports: paper table 3 (methods x benchmarks, mean ± SD over seeds), tables
+7/8 (efficiency), learning curves, and the MLflow parent run that holds them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from srpo_core.compare.plan import ComparisonPlan, RunSpec
+from srpo_core.compare.run import TrainingResult, _mean
+from srpo_core.config import from_dict
+
+SHORT_NAMES = {
+    "numinamath_olympiads": "oly", "hmmt_nov_2025": "hmmt", "math_level5": "lvl5", "strategyqa": "stra",
+    "acereason_math": "ace", "sciknoweval_chemistry": "chem", "sciknoweval_biology": "bio",
+    "commonsenseqa": "csqa", "sciknoweval_materials": "mat", "sciknoweval_physics": "phys",
+    "livecodebench_medium": "lcbm", "synthetic": "synth", "math500": "m500", "aime24": "aime24", "gsm8k": "gsm8k",
+}  # fmt: skip
+EFFICIENCY_COLUMNS = ("train_h", "gen_h", "val_h", "total_h", "tokens", "resp_mean", "gen_tok_s")
+
+
+# ---- tables ----------------------------------------------------------------------------------------
+
+
+def mean_sd(values) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for fewer than two values)."""
+    xs = [float(v) for v in values]
+    if not xs:
+        return float("nan"), None
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def short_name(benchmark: str) -> str:
+    return SHORT_NAMES.get(benchmark, benchmark)
+
+
+@dataclass
+class ResultsTable:
+    """Paper table 3: rows = methods, columns = benchmarks, accuracy (fractions) per seed."""
+
+    benchmarks: list[str]
+    rows: dict[str, dict[str, list[float]]]  # label -> benchmark -> per-seed accuracies
+    base: dict[str, float] | None = None  # step-0 accuracy (seed-invariant), shown as "Base"
+
+    def cell(self, label: str, benchmark: str) -> tuple[float, float | None]:
+        m, sd = mean_sd(self.rows[label].get(benchmark, []))
+        return 100 * m, None if sd is None else 100 * sd
+
+    def best(self, benchmark: str) -> set[str]:
+        """Labels with the highest mean in the column (all of them on a tie; NaN never best)."""
+        means = {lab: self.cell(lab, benchmark)[0] for lab in self.rows}
+        finite = [v for v in means.values() if math.isfinite(v)]
+        if not finite:
+            return set()
+        top = max(finite)
+        return {lab for lab, v in means.items() if math.isfinite(v) and math.isclose(v, top, rel_tol=0, abs_tol=1e-9)}
+
+    @staticmethod
+    def fmt(mean: float, sd: float | None, bold: bool = False) -> str:
+        if not math.isfinite(mean):
+            return "–"
+        text = f"{mean:.1f}" if sd is None else f"{mean:.1f} ± {sd:.1f}"
+        return f"**{text}**" if bold else text
+
+    def markdown(self) -> str:
+        head = ["Method", *(short_name(b) for b in self.benchmarks)]
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(self.benchmarks)]
+        if self.base:
+            lines.append("| Base | " + " | ".join(self.fmt(100 * self.base[b], None) if b in self.base else "–" for b in self.benchmarks) + " |")
+        best = {b: self.best(b) for b in self.benchmarks}
+        for lab in self.rows:
+            lines.append(f"| {lab} | " + " | ".join(self.fmt(*self.cell(lab, b), bold=lab in best[b]) for b in self.benchmarks) + " |")
+        seeds = sorted({len(v) for r in self.rows.values() for v in r.values() if v})
+        legend = ", ".join(f"{short_name(b)} = {b}" for b in self.benchmarks if short_name(b) != b)
+        note = f"\nAccuracy (%) after training, mean ± SD over {_seeds_text(seeds)} (sample SD); best method per column in bold; Base = before training."
+        return "\n".join(lines) + "\n" + note + (f" {legend}." if legend else "") + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["method", "seeds", *(f"{b}_{s}" for b in self.benchmarks for s in ("mean", "sd", "best"))])
+        if self.base:
+            w.writerow(["Base", 1, *(x for b in self.benchmarks for x in (_num(100 * self.base.get(b, float("nan"))), "", ""))])
+        best = {b: self.best(b) for b in self.benchmarks}
+        for lab, per in self.rows.items():
+            seeds = max((len(v) for v in per.values()), default=0)
+            cells = []
+            for b in self.benchmarks:
+                m, sd = self.cell(lab, b)
+                cells += [_num(m), "" if sd is None else _num(sd), int(lab in best[b])]
+            w.writerow([lab, seeds, *cells])
+        return buf.getvalue()
+
+
+def _seeds_text(counts: list[int]) -> str:
+    return f"{'/'.join(map(str, counts)) or 0} seed{'' if counts == [1] else 's'}"
+
+
+def _num(x: float) -> str:
+    return "" if not math.isfinite(x) else f"{x:.6g}"
+
+
+def _human_tokens(x: float) -> str:
+    if not math.isfinite(x):
+        return "–"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    if x >= 1e4:
+        return f"{x / 1e3:.1f} k"
+    return f"{x:.0f}"
+
+
+@dataclass
+class EfficiencyTable:
+    """Paper tables 7 (raw) and 8 (normalised to GRPO): per method, mean over seeds."""
+
+    rows: dict[str, dict[str, list[float]]]  # label -> column -> per-seed values
+    reference: str | None = "GRPO"
+
+    def value(self, label: str, column: str) -> float:
+        return mean_sd(self.rows[label].get(column, []))[0]
+
+    def normalised(self, label: str, column: str) -> float:
+        if self.reference is None or self.reference not in self.rows:
+            return float("nan")
+        ref = self.value(self.reference, column)
+        v = self.value(label, column)
+        return v / ref if ref and math.isfinite(ref) and math.isfinite(v) else float("nan")
+
+    @staticmethod
+    def fmt(column: str, v: float) -> str:
+        if not math.isfinite(v):
+            return "–"
+        if column.endswith("_h"):
+            return f"{v:.3g}"
+        if column == "tokens":
+            return _human_tokens(v)
+        return f"{v:.0f}"
+
+    def markdown(self) -> str:
+        head = ["Method", *EFFICIENCY_COLUMNS]
+        seeds = sorted({len(v) for r in self.rows.values() for v in r.values() if v})
+        lines = [f"Compute per method (paper table 7), mean over {_seeds_text(seeds)}:", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * len(EFFICIENCY_COLUMNS)]
+        for lab in self.rows:
+            lines.append(f"| {lab} | " + " | ".join(self.fmt(c, self.value(lab, c)) for c in EFFICIENCY_COLUMNS) + " |")
+        lines += ["", "train_h: training-step wall clock (generation, localization, suffixes, verification, update); gen_h: engine sampling (rollouts, suffixes, localization); val_h: all evaluations; total_h = train_h + val_h; tokens: tokens sampled in training steps; resp_mean: mean response length over rollouts (reset prefix included); gen_tok_s = tokens / gen time.", ""]
+        if self.reference in self.rows:
+            lines += [f"Normalised to {self.reference} (paper table 8, {self.reference} = 1.00):", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * len(EFFICIENCY_COLUMNS)]
+            for lab in self.rows:
+                lines.append(f"| {lab} | " + " | ".join(_fmt2(self.normalised(lab, c)) for c in EFFICIENCY_COLUMNS) + " |")
+        else:
+            lines.append(f"(no {self.reference} row: nothing to normalise to)")
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        norm = self.reference in self.rows
+        w.writerow(["method", "seeds", *EFFICIENCY_COLUMNS, *((f"{c}_vs_{self.reference.lower()}" for c in EFFICIENCY_COLUMNS) if norm else ())])
+        for lab, per in self.rows.items():
+            seeds = max((len(v) for v in per.values()), default=0)
+            row = [lab, seeds, *(_num(self.value(lab, c)) for c in EFFICIENCY_COLUMNS)]
+            if norm:
+                row += [_num(self.normalised(lab, c)) for c in EFFICIENCY_COLUMNS]
+            w.writerow(row)
+        return buf.getvalue()
+
+
+def _fmt2(v: float) -> str:
+    return f"{v:.2f}" if math.isfinite(v) else "–"
+
+
+def results_table(labels: list[str], benchmarks: list[str], results: list[TrainingResult]) -> ResultsTable:
+    rows = {lab: {b: [] for b in benchmarks} for lab in labels}
+    for r in sorted(results, key=lambda r: r.seed):
+        for b, acc in r.final.items():
+            if b in rows[r.label]:
+                rows[r.label][b].append(acc)
+    base: dict[str, float] = {}
+    for b in benchmarks:
+        vals = [r.base[b] for r in results if b in r.base]
+        if vals:
+            base[b] = _mean(vals)
+    return ResultsTable(benchmarks, rows, base or None)
+
+
+def efficiency_table(labels: list[str], results: list[TrainingResult]) -> EfficiencyTable:
+    rows = {lab: {c: [] for c in EFFICIENCY_COLUMNS} for lab in labels}
+    for r in results:
+        for c, v in r.efficiency().items():
+            rows[r.label][c].append(v)
+    return EfficiencyTable(rows, "GRPO" if "GRPO" in rows else None)
+
+
+def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list[TrainingResult], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    cols = min(len(benchmarks), 4) or 1
+    nrows = math.ceil(len(benchmarks) / cols) or 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    for ax, b in zip(axes.flat, benchmarks):
+        for lab in labels:
+            by_step: dict[int, list[float]] = {}
+            for r in results:
+                if r.label == lab:
+                    for s, acc in r.curves.get(b, []):
+                        by_step.setdefault(int(s), []).append(100 * acc)
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            stats = [mean_sd(by_step[s]) for s in steps]
+            mean = [m for m, _ in stats]
+            sd = [s or 0.0 for _, s in stats]
+            (line,) = ax.plot(steps, mean, marker="o", label=lab)
+            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], color=line.get_color(), alpha=0.15)
+        lo, hi = ax.get_ylim()
+        lo, hi = max(0.0, lo), min(100.0, hi)
+        if hi - lo < 10:  # flat curves (e.g. all 0%): a readable band around them
+            mid = (lo + hi) / 2
+            lo, hi = max(0.0, mid - 5), min(100.0, max(0.0, mid - 5) + 10)
+        ax.set_ylim(lo - 1, hi + 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(b)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(benchmarks) :]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=len(names), bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("Accuracy vs training step (mean ± SD over seeds)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- the comparison --------------------------------------------------------------------------------
+
+
+def open_parent_run(plan: ComparisonPlan, experiment: str, tracking_uri: str) -> ComparisonPlan:
+    """Create the parent MLflow run and point every spec at it (nothing stays active)."""
+    from srpo_core import tracking
+
+    uri = tracking.check_tracking_reachable(tracking_uri)
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    cfg = from_dict(plan.config)
+    tags = {"comparison_id": plan.comparison_id, "kind": "comparison", "model": cfg.model.name_or_path, "task": cfg.data.task, "preset": cfg.name}
+    run = client.create_run(exp_id, run_name=f"compare {plan.comparison_id}", tags=tags)
+    seeds = sorted({s.seed for s in plan.specs})
+    params = {"compare.methods": json.dumps(plan.labels), "compare.seeds": json.dumps(seeds), "compare.benchmarks": json.dumps(plan.benchmarks), "compare.steps": str(max((s.steps for s in plan.specs), default=0)), "compare.eval_items": json.dumps(plan.specs[0].eval_items if plan.specs else {})}
+    params.update(tracking.flatten_config(plan.config))
+    tracking.log_params(client, run.info.run_id, {k: tracking.truncate_value(v) for k, v in params.items()})
+    plan.tracking_uri, plan.experiment_id, plan.parent_run_id = uri, exp_id, run.info.run_id
+    for s in plan.specs:
+        s.tracking_uri, s.experiment_id, s.parent_run_id = uri, exp_id, run.info.run_id
+    return plan
+
+
+@dataclass
+class ComparisonOutput:
+    results_md: Path
+    results_csv: Path
+    efficiency_md: Path
+    efficiency_csv: Path
+    curves_png: Path
+    runs_jsonl: Path
+    results: ResultsTable
+    efficiency: EfficiencyTable
+
+
+def finish_comparison(plan: ComparisonPlan | dict, results: list[TrainingResult | dict], status: str = "FINISHED") -> ComparisonOutput:
+    """Tables, curves and ``runs.jsonl`` into ``plan.out_dir``, logged to the parent run."""
+    if isinstance(plan, dict):
+        plan = ComparisonPlan(**{**plan, "specs": [RunSpec(**s) if isinstance(s, dict) else s for s in plan["specs"]]})
+    results = [TrainingResult.from_dict(r) if isinstance(r, dict) else r for r in results]
+    out = Path(plan.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rt = results_table(plan.labels, plan.benchmarks, results)
+    et = efficiency_table(plan.labels, results)
+    paths = ComparisonOutput(out / "results.md", out / "results.csv", out / "efficiency.md", out / "efficiency.csv", out / "learning_curves.png", out / "runs.jsonl", rt, et)
+    paths.results_md.write_text(f"# Comparison {plan.comparison_id}\n\n" + rt.markdown())
+    paths.results_csv.write_text(rt.csv())
+    paths.efficiency_md.write_text(f"# Efficiency {plan.comparison_id}\n\n" + et.markdown())
+    paths.efficiency_csv.write_text(et.csv())
+    plot_learning_curves(plan.labels, plan.benchmarks, results, paths.curves_png)
+    paths.runs_jsonl.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
+    (out / "comparison.json").write_text(json.dumps({"comparison_id": plan.comparison_id, "labels": plan.labels, "benchmarks": plan.benchmarks, "parent_run_id": plan.parent_run_id, "tracking_uri": plan.tracking_uri, "trainings": [s.training_id for s in plan.specs]}, indent=1))
+    if plan.parent_run_id:
+        from srpo_core import tracking
+
+        client = tracking.client(plan.tracking_uri)
+        for p in (paths.results_md, paths.results_csv, paths.efficiency_md, paths.efficiency_csv):
+            client.log_artifact(plan.parent_run_id, str(p), artifact_path="tables")
+        client.log_artifact(plan.parent_run_id, str(paths.curves_png), artifact_path="figures")
+        client.log_artifact(plan.parent_run_id, str(paths.runs_jsonl))
+        client.set_terminated(plan.parent_run_id, status)
+    return paths
+

@@ -1,0 +1,42 @@
+"""GRPO: G = method.rollouts_per_prompt iid chains per prompt, one advantage group.
+
+    generate       sample G chains from each prompt (unscored)
+    verify         score them: the prompt's group (a chain with no thought gets reward 0)
+    verify_suffix  records, group `base`, one group id per prompt
+"""
+
+from __future__ import annotations
+
+from srpo_core import rollouts as R
+from srpo_core.methods import register
+from srpo_core.methods.base import Method, records_to_shard
+
+
+class GRPO(Method):
+    name = "grpo"
+    description = "8 iid rollouts, one group"
+    phases = frozenset({"generate", "verify", "verify_suffix"})
+    model_phases = frozenset({"generate"})
+    localizers = ("random",)  # no resets; "random" is the localizer its records and tags have always carried
+
+    def generate(self, ctx, shard) -> None:
+        m = ctx.cfg.method
+        counts = [m.rollouts_per_prompt - s.attempts for s in shard.states]
+        shard.pending = R.sample(ctx.policy, shard.states, counts, ctx.limits, R.round_sampling(ctx.sampling("generate"), 0))
+        shard.rounds = 1
+
+    def verify(self, ctx, shard) -> None:
+        for state, rollouts in zip(shard.states, shard.pending):
+            for att in R.verify(ctx.task, state.item, rollouts, shard.timings):
+                state.attempts += 1
+                if not att.rollout.spans:
+                    att.reward = 0.0
+                state.base.append(att)
+        shard.pending = []
+
+    def verify_suffix(self, ctx, shard) -> None:
+        records = [R.Record(a.rollout, s.item, "base", f"{ctx.step}:{s.item.id}:base", a.reward) for s in shard.states for a in s.base]
+        records_to_shard(shard, R.mark_steps_valid(ctx.task, records))
+
+
+register(GRPO())
