@@ -47,7 +47,7 @@ Requirements: root (CAP_SYS_ADMIN for the namespaces and mounts, CAP_SETUID), ``
 PATH, and a writable cgroup hierarchy with the memory and pids controllers. When any is
 missing :func:`run_python` raises :class:`SandboxUnavailable` naming it -- there is no silent
 weaker mode. On Kubernetes the training step pods are non-root without capabilities, so code is
-scored in the privileged, network-less scoring Job of ``infra/k8s/code-scoring.yaml`` (see
+scored in the privileged, network-less scoring Job of ``infra/scoring/code-scoring.yaml`` (see
 infra/README.md). ``SandboxLimits(isolate=False)`` runs with the per-process rlimits only, in a
 host temp directory (no isolation at all: for trusted code on a development machine).
 """
@@ -79,7 +79,7 @@ WORK_DIR = "/tmp/work"
 _LAUNCHER = str(Path(__file__).with_name("_sandbox_launcher.py"))
 _BWRAP_PATH = "/usr/bin:/bin:/usr/local/bin:/usr/sbin:/sbin"
 _MB = 1 << 20
-_K8S_HINT = "on Kubernetes, score code with infra/k8s/code-scoring.yaml (infra/README.md, 'Scoring code')"
+_K8S_HINT = "on Kubernetes, score code with infra/scoring/code-scoring.yaml (infra/README.md, 'Scoring code')"
 
 
 class SandboxUnavailable(RuntimeError):
