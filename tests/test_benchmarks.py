@@ -3,8 +3,14 @@ malformed rows, hub errors, and registration from other modules."""
 
 from __future__ import annotations
 
+import base64
 import json
+import pickle
+import re
+import sys
+import types
 import warnings
+import zlib
 
 import pytest
 
@@ -22,8 +28,9 @@ from srpo_core.benchmarks import (
     register_benchmark,
     sample_items,
 )
-from srpo_core.benchmarks.catalog import math_prompt
-from srpo_core.benchmarks.registry import benchmark_dir
+from srpo_core.benchmarks.catalog import LCB_REVISION, decode_lcb_blob, livecodebench_item, math_prompt
+from srpo_core.benchmarks.registry import HubSource, RowError, benchmark_dir
+from tests.test_verifiers_code import hostile_blob
 
 # name -> (items in the sample file after filtering, answer types present)
 EXPECTED = {
@@ -240,3 +247,62 @@ def test_load_eval_follows_the_reference_protocol():
     assert [i.id for i in numina.load_eval()] == [i.id for i in numina.load(split="test")]
     small = get_benchmark("gsm8k").load_eval(seed=3)
     assert len(small) == 500 and [i.id for i in small] != [i.id for i in get_benchmark("gsm8k").load()]
+
+
+def lcb_row(private: str) -> dict:
+    return {
+        "question_id": "q1", "question_content": "add", "question_title": "add", "platform": "atcoder",
+        "difficulty": "medium", "metadata": "{}", "starter_code": "", "contest_date": "2025-01-01",
+        "public_test_cases": json.dumps([{"input": "1 2", "output": "3", "testtype": "stdin"}]),
+        "private_test_cases": private,
+    }
+
+
+def test_livecodebench_blob_decodes_plain_data_only(tmp_path):
+    cases = [{"input": "2 2", "output": "4", "testtype": "stdin"}]
+    blob = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(cases)))).decode()
+    assert decode_lcb_blob(blob) == cases
+    item = livecodebench_item(lcb_row(blob), 0)
+    assert item.meta["test_source"] == "private" and [t.output for t in item.tests] == ["4"]
+    marker = tmp_path / "pwned"
+    with pytest.raises(RowError, match="refused: the blob references posix.system"):
+        decode_lcb_blob(hostile_blob(marker))
+    with pytest.raises(RowError, match="refused"):
+        livecodebench_item(lcb_row(hostile_blob(marker)), 0)
+    assert not marker.exists()
+    with pytest.raises(RowError, match="neither JSON nor"):
+        decode_lcb_blob("not base64 at all!")
+
+
+def test_livecodebench_hub_reads_json_files_at_a_pinned_revision(monkeypatch, tmp_path):
+    """No loading script runs (packaged json builder, no trust_remote_code) and every file is
+    read at one commit; a hostile blob among the hub rows is refused, never run."""
+    calls = []
+    marker = tmp_path / "pwned"
+    good = base64.b64encode(zlib.compress(pickle.dumps(json.dumps([{"input": "2 2", "output": "4", "testtype": "stdin"}])))).decode()
+    rows = [lcb_row(good), {**lcb_row(hostile_blob(marker)), "question_id": "q2"}]
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    bench = get_benchmark("livecodebench_medium")
+    with pytest.warns(BenchmarkDataWarning):
+        items = bench.load(source="hub", on_error="skip")
+    assert [item.id for item in items] == ["q1"] and not marker.exists()
+    ((args, kwargs),) = calls
+    assert args == ("json",) and "trust_remote_code" not in kwargs
+    assert re.fullmatch(r"[0-9a-f]{40}", LCB_REVISION)
+    urls = kwargs["data_files"][kwargs["split"]]
+    assert len(urls) == 6 and all(url.startswith(f"hf://datasets/livecodebench/code_generation_lite@{LCB_REVISION}/") for url in urls)
+    with pytest.raises(BenchmarkDataError, match="refused"):
+        bench.load(source="hub")
+    assert not marker.exists()
+
+
+def test_hub_sources_refuse_remote_code_and_unpinned_files():
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        HubSource("someone/dataset", "test", kwargs=(("trust_remote_code", True),))
+    with pytest.raises(ValueError, match="40-hex commit"):
+        HubSource("someone/dataset", "test", revision="main", data_files=("test.jsonl",))

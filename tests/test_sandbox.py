@@ -1,15 +1,24 @@
-"""The sandbox stops runaway and hostile programs (needs root: namespaces and uid changes)."""
+"""The sandbox stops runaway and hostile programs (needs root: namespaces, cgroups, uid changes;
+bubblewrap installed: .ci/install-sandbox.sh)."""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from srpo_core.benchmarks import get_benchmark
+from srpo_core.benchmarks.registry import benchmark_dir
+from srpo_core.verifiers._cgroup import CgroupUnavailable
 from srpo_core.verifiers.sandbox import SandboxLimits, SandboxUnavailable, run_python
+
+REPO = Path(__file__).resolve().parents[1]
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="the isolated sandbox needs root (CAP_SYS_ADMIN, CAP_SETUID)"
@@ -151,11 +160,170 @@ def test_output_is_capped():
 
 @needs_root
 def test_unavailable_setup_is_a_clear_error(monkeypatch):
-    import srpo_core.verifiers.sandbox as sandbox
+    from srpo_core.verifiers import sandbox
 
     monkeypatch.setattr(sandbox, "_python_location", lambda: ("/nonexistent-prefix", "bin/python3"))
-    with pytest.raises(SandboxUnavailable, match="SETUP_FAILED"):
+    with pytest.raises(SandboxUnavailable, match="bubblewrap could not build the sandbox.*/nonexistent-prefix"):
         run("print(1)")
+
+
+@needs_root
+def test_missing_bubblewrap_or_cgroups_are_clear_errors(monkeypatch, tmp_path):
+    from srpo_core.verifiers import sandbox
+
+    monkeypatch.setattr(sandbox, "_BWRAP_PATH", str(tmp_path))
+    with pytest.raises(SandboxUnavailable, match="bubblewrap .bwrap. is not installed"):
+        run("print(1)")
+    monkeypatch.undo()
+
+    def no_cgroups(*args, **kwargs):
+        raise CgroupUnavailable("no cgroup with the memory and pids controllers (test)")
+
+    monkeypatch.setattr(sandbox.RunCgroup, "create", no_cgroups)
+    with pytest.raises(SandboxUnavailable, match="no cgroup with the memory and pids controllers.*code-scoring.yaml"):
+        run("print(1)")
+
+
+# A program that looks for the answers to its own input: it walks the whole file system it can
+# see for data files holding its stdin, and opens the benchmark files and the repository by path.
+ANSWER_SEARCH = """
+import os, sys
+wanted = sys.stdin.read().strip()
+hits, opened = [], []
+for root, dirs, files in os.walk("/"):
+    if root == "/proc":
+        dirs[:] = []
+        continue
+    for name in files:
+        path = os.path.join(root, name)
+        if "livecodebench" in name:
+            hits.append(path)
+        if not name.endswith((".jsonl", ".json", ".csv", ".txt", ".md")):
+            continue
+        try:
+            if os.path.getsize(path) < 8 << 20 and wanted in open(path, errors="replace").read():
+                hits.append(path)
+        except OSError:
+            pass
+for path in sys.argv[1:]:
+    try:
+        os.listdir(path) if os.path.isdir(path) else open(path).read(1)
+        opened.append(path)
+    except OSError:
+        pass
+print("HITS", hits)
+print("OPENED", opened)
+"""
+
+
+@needs_root
+def test_a_program_cannot_find_its_test_data():
+    data = benchmark_dir() / "livecodebench_medium.jsonl"
+    item = next(i for i in get_benchmark("livecodebench_medium").load() if i.meta["title"] == "Snake Numbers")
+    case = item.tests[0]
+    assert case.input.strip() in data.read_text()  # what the program looks for is there on the host
+    targets = [str(data), str(data.parent), str(REPO), str(REPO / "srpo_core" / "benchmarks" / "catalog.py")]
+    result = run_python({"main.py": ANSWER_SEARCH}, ["main.py", *targets], case.input,
+                        SandboxLimits(cpu_s=60, wall_s=120, memory_mb=512))
+    assert result.ok, result.stderr
+    assert "HITS []" in result.stdout and "OPENED []" in result.stdout, result.stdout
+
+
+@needs_root
+def test_proc_and_hostname_are_the_sandboxes_own():
+    program = (
+        "import os\n"
+        "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+        "print(pids, os.uname().nodename, os.getpid())\n"
+    )
+    result = run(program)
+    assert result.ok, result.stderr
+    pids, hostname, own = result.stdout.rsplit(" ", 2)
+    assert len(json.loads(pids)) <= 3 and int(own) <= 3  # bubblewrap's init and the program: no host PIDs
+    assert hostname == "srpo-sandbox" != socket.gethostname()
+
+
+def host_shm_keys() -> set[int]:
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    return {int(line.split()[0]) for line in lines if line.strip()}
+
+
+@needs_root
+def test_sysv_shared_memory_dies_with_the_run():
+    key = 0x5A000000 + secrets.randbelow(1 << 24)
+    program = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"shmid = libc.shmget({key}, 1 << 20, 0o1000 | 0o600)  # IPC_CREAT\n"
+        "print('SHMID', shmid, open('/proc/sysvipc/shm').read().count('\\n') - 1)\n"
+    )
+    result = run(program)
+    try:
+        assert result.ok, result.stderr
+        _, shmid, inside = result.stdout.split()
+        assert int(shmid) >= 0 and int(inside) == 1  # made, and the only segment it can see
+        assert key not in host_shm_keys()
+    finally:
+        if key in host_shm_keys():  # without an IPC namespace: remove the leak
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.shmctl(libc.shmget(key, 0, 0), 0, None)  # IPC_RMID
+
+
+# Six children each take and touch `each_mb`; they report once they hold it and keep it until
+# the parent has counted: "HELD n" is how many held their memory at the same time.
+CHILDREN_HOLD_MEMORY = """
+import os, sys
+each_mb = int(sys.argv[1])
+ready_r, ready_w = os.pipe()
+release_r, release_w = os.pipe()
+children = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r); os.close(release_w)
+        block = bytearray(b"x" * (each_mb << 20))
+        os.write(ready_w, b"+")
+        os.close(ready_w)
+        os.read(release_r, 1)
+        os._exit(0)
+    children.append(pid)
+os.close(ready_w); os.close(release_r)
+held = 0
+while os.read(ready_r, 1):
+    held += 1
+print("HELD", held, flush=True)
+os.close(release_w)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+@needs_root
+def test_memory_limit_holds_for_the_run_not_per_process():
+    limits = SandboxLimits(cpu_s=20, wall_s=60, memory_mb=512)  # per process 512 MB, the run 512 MB
+    small = run_python({"main.py": CHILDREN_HOLD_MEMORY}, ["main.py", "30"], "", limits)
+    assert small.ok and "HELD 6" in small.stdout, small.stderr  # 6 x 30 MB fit
+    big = run_python({"main.py": CHILDREN_HOLD_MEMORY}, ["main.py", "200"], "", limits)
+    assert "HELD 6" not in big.stdout  # 6 x 200 MB = 1.2 GB: each fits its rlimit, the run does not
+    assert big.oom_kills >= 1
+
+
+@needs_root
+def test_output_cap_holds_across_files():
+    program = (
+        "written = 0\n"
+        "for i in range(40):\n"
+        "    try:\n"
+        "        with open(f'out{i}.bin', 'wb') as f:\n"
+        "            f.write(b'x' * (1 << 20))\n"
+        "        written += 1\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print('WROTE', written)\n"
+    )
+    result = run(program, SandboxLimits(cpu_s=5, wall_s=20, memory_mb=256, output_mb=2))
+    assert result.ok, result.stderr
+    assert int(result.stdout.split()[1]) <= 2  # 2 MB for all files together, not 2 MB per file
 
 
 def test_without_isolation_limits_still_apply():

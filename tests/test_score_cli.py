@@ -68,6 +68,19 @@ def test_code_record(tmp_path):
     assert out["score"] == 0.5 and out["correct"] is False
 
 
+def test_a_pickled_test_blob_is_refused_and_never_run(tmp_path):
+    from tests.test_verifiers_code import hostile_blob
+
+    marker = tmp_path / "pwned"
+    record = {"benchmark": "livecodebench_medium", "tests": hostile_blob(marker), "response": "```python\nprint(1)\n```"}
+    path = tmp_path / "hostile.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    done = srpo_score(str(path))
+    assert done.returncode == 2
+    assert f"{path}:1: test cases must be a JSON list" in done.stderr
+    assert not marker.exists()
+
+
 def test_errors_name_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(

@@ -87,13 +87,38 @@ def test_last_code_block_prefers_the_last_python_block():
     assert last_code_block("no code") is None
 
 
+class RunsACommand:
+    """Unpickling this calls os.system(command): what a hostile test-case blob would carry."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def hostile_blob(marker) -> str:
+    """A LiveCodeBench-shaped blob (base64(zlib(pickle))) whose unpickling creates ``marker``."""
+    return base64.b64encode(zlib.compress(pickle.dumps(RunsACommand(f"touch {marker}")))).decode()
+
+
 def test_parse_test_cases_formats():
     raw = [{"input": "1 2", "output": "3", "testtype": "stdin"}]
     assert parse_test_cases(json.dumps(raw)) == (TestCase("1 2", "3", "stdin"),)
-    blob = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(raw)))).decode()
-    assert parse_test_cases(blob) == (TestCase("1 2", "3", "stdin"),)
+    assert parse_test_cases(raw) == (TestCase("1 2", "3", "stdin"),)
     with pytest.raises(ValueError):
         parse_test_cases([{"input": "1"}])
+
+
+def test_parse_test_cases_is_json_only_and_never_unpickles(tmp_path):
+    raw = [{"input": "1 2", "output": "3", "testtype": "stdin"}]
+    plain_blob = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(raw)))).decode()
+    with pytest.raises(ValueError, match="JSON"):
+        parse_test_cases(plain_blob)  # even a harmless blob: user input is JSON or nothing
+    marker = tmp_path / "pwned"
+    with pytest.raises(ValueError, match="JSON"):
+        parse_test_cases(hostile_blob(marker))
+    assert not marker.exists()
 
 
 def test_split_is_seeded_disjoint_and_half():

@@ -6,8 +6,13 @@ prompt formatter. Registered on import of :mod:`srpo_core.benchmarks`.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
+import pickle
 import re
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -237,10 +242,70 @@ def _metadata(row: dict) -> dict:
     return meta
 
 
+# LiveCodeBench private tests: base64(zlib(pickle(JSON string))). The largest release_v6 blob
+# decompresses to well under this; a bigger one is refused instead of filling memory.
+LCB_BLOB_MAX_BYTES = 1 << 30
+
+
+class _NoClassesUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: str, bytes, numbers, None/bools and containers of them.
+
+    Every opcode that needs a class or callable (GLOBAL/STACK_GLOBAL, INST/OBJ, the copyreg
+    extension registry) goes through ``find_class``, and this one refuses them all, so a pickle
+    cannot call anything (``os.system``, ``eval``, a constructor) while being read."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refused: the blob references {module}.{name} (only plain data is accepted)")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused: persistent ids are not plain data")
+
+
+def decode_lcb_blob(raw: str) -> list:
+    """LiveCodeBench's compressed private tests: base64(zlib(pickle(JSON string))) -> the JSON list.
+
+    Only for rows of the LiveCodeBench source (this row converter); user input goes through the
+    JSON-only :func:`parse_test_cases`. Hostile blobs are refused with RowError: a pickle that
+    references any class or callable, more than ``LCB_BLOB_MAX_BYTES`` decompressed, bad
+    base64/zlib, or a payload that is not a JSON string."""
+    try:
+        compressed = base64.b64decode(raw.encode("ascii"), validate=True)
+        inflater = zlib.decompressobj()
+        data = inflater.decompress(compressed, LCB_BLOB_MAX_BYTES)
+        if inflater.unconsumed_tail:
+            raise RowError(f"private_test_cases decompresses to more than {LCB_BLOB_MAX_BYTES} bytes")
+        payload = _NoClassesUnpickler(io.BytesIO(data)).load()
+    except (UnicodeEncodeError, binascii.Error, zlib.error, EOFError) as exc:
+        raise RowError(f"private_test_cases is neither JSON nor a LiveCodeBench blob: {exc}") from None
+    except pickle.UnpicklingError as exc:
+        raise RowError(f"private_test_cases: {exc}") from None
+    if isinstance(payload, bytes):
+        payload = payload.decode("utf-8", errors="strict")
+    if not isinstance(payload, str):
+        raise RowError(f"private_test_cases blob holds {type(payload).__name__}, expected a JSON string")
+    try:
+        tests = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise RowError(f"private_test_cases blob is not JSON: {exc}") from None
+    if not isinstance(tests, list):
+        raise RowError(f"private_test_cases blob holds a JSON {type(tests).__name__}, expected a list")
+    return tests
+
+
+def _private_tests(raw: object) -> tuple:
+    """``private_test_cases``: a JSON list (or string) as is, else a LiveCodeBench blob."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raw = decode_lcb_blob(raw)
+    return parse_test_cases(raw)
+
+
 def livecodebench_item(row: dict, index: int) -> Item:
     """Hub rows carry ``private_test_cases`` (scored, split 50/50); the local sample only public."""
     private = row.get("private_test_cases")
-    tests = parse_test_cases(private) if private else ()
+    tests = _private_tests(private) if private else ()
     source = "private"
     if not tests:
         tests, source = parse_test_cases(_text(row, "public_test_cases")), "public"
@@ -267,6 +332,12 @@ def livecodebench_item(row: dict, index: int) -> Item:
 
 
 # ---------------------------------------------------------------------- the entries
+
+# livecodebench/code_generation_lite is read as plain JSON lines at a pinned commit: its loading
+# script (code_generation_lite.py) is never run, and a later push to the dataset cannot change
+# what "release_v6" means here. release_v6 is the union of the first six files.
+LCB_REVISION = "0fe84c3912ea0c4d4a78037083943e8f0c4dd505"
+LCB_RELEASE_V6_FILES = ("test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl", "test5.jsonl", "test6.jsonl")
 
 MATH_SUBJECTS = (
     "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
@@ -340,7 +411,7 @@ BUILTIN: tuple[Benchmark, ...] = (
         HubSource(
             "livecodebench/code_generation_lite", "test",
             where=lambda row: row.get("difficulty") == "medium",
-            kwargs=(("version_tag", "release_v6"), ("trust_remote_code", True)),
+            revision=LCB_REVISION, data_files=LCB_RELEASE_V6_FILES,
         ),
     ),
 )

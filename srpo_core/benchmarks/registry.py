@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -58,13 +59,35 @@ class RowError(ValueError):
 @dataclass(frozen=True)
 class HubSource:
     """Where the full dataset lives: ``load_dataset(path, config, split=split, **kwargs)``
-    for each config, rows concatenated, then filtered by ``where``."""
+    for each config, rows concatenated, then filtered by ``where``.
+
+    With ``data_files`` the repository's files are read by datasets' packaged ``json`` builder
+    from ``hf://datasets/<path>@<revision>/<file>`` (no loading script of the repository runs);
+    ``revision`` (a commit hash) is then required. ``trust_remote_code`` is refused."""
 
     path: str
     split: str
     configs: tuple[str | None, ...] = (None,)
     where: Callable[[dict], bool] | None = None
     kwargs: tuple[tuple[str, Any], ...] = ()
+    revision: str | None = None
+    data_files: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(key == "trust_remote_code" for key, _ in self.kwargs):
+            raise ValueError(f"{self.path}: trust_remote_code is not allowed (it runs the dataset repository's code)")
+        if self.data_files and not (self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision)):
+            raise ValueError(f"{self.path}: data_files need revision= a 40-hex commit hash, got {self.revision!r}")
+        if self.data_files and self.configs != (None,):
+            raise ValueError(f"{self.path}: data_files name the files directly; configs must be (None,)")
+
+    def load_args(self, config: str | None) -> tuple[tuple, dict]:
+        """(args, kwargs) of ``datasets.load_dataset`` for one config."""
+        if self.data_files:
+            urls = [f"hf://datasets/{self.path}@{self.revision}/{name}" for name in self.data_files]
+            return ("json",), {"data_files": {self.split: urls}, "split": self.split, **dict(self.kwargs)}
+        revision = {"revision": self.revision} if self.revision else {}
+        return (self.path, config), {"split": self.split, **revision, **dict(self.kwargs)}
 
 
 @dataclass(frozen=True)
@@ -296,7 +319,8 @@ def load_hub_rows(hub: HubSource) -> list[dict]:
     rows: list[dict] = []
     for config in hub.configs:
         try:
-            ds = datasets.load_dataset(hub.path, config, split=hub.split, **dict(hub.kwargs))
+            args, kwargs = hub.load_args(config)
+            ds = datasets.load_dataset(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - network, auth, missing config: all unavailable
             raise BenchmarkUnavailable(
                 f"could not load {hub.path} (config={config}, split={hub.split}) from the hub: "

@@ -1,21 +1,20 @@
 """Launcher of one sandboxed run (see :mod:`srpo_core.verifiers.sandbox`). Runs as root, stdlib only.
 
 Started as ``python -I -S _sandbox_launcher.py CONFIG_JSON`` with stdin/stdout/stderr already
-redirected to files by the parent. With ``isolate`` it:
-  1. unshares the mount, network and PID namespaces (the new network namespace has only a
-     loopback device that is down: no connection can be made, not even to 127.0.0.1);
-  2. makes mounts private, covers /tmp, /var/tmp, /dev/shm, /run/lock with read-only tmpfs
-     mounts, bind-mounts the working directory (writable) at /tmp/work and the Python
-     installation read-only at /tmp/.srpo-python (so an unprivileged uid can run it even when it
-     lives under /root), and enters /tmp/work;
-  3. forks the namespace's init (PID 1), which forks the program: resource limits, all groups
-     dropped, a throwaway uid/gid, no_new_privs, then exec of Python on the program.
-When init exits, the kernel kills every process left in the namespace (fork bombs, daemons).
+redirected to files by the parent (a fresh interpreter: nothing runs between fork and exec in the
+threaded parent). With ``isolate`` it
+  1. joins the run's cgroup(s) (every process of the run inherits them: memory and pids limits
+     for the run as a whole);
+  2. sets the per-process resource limits (inherited likewise);
+  3. execs bubblewrap, which builds the sandbox (own root, namespaces, /proc, tmpfs work directory)
+     and runs :data:`INIT_SOURCE` in it as root with only CAP_SETUID/CAP_SETGID/CAP_CHOWN: that
+     gives the work directory to the throwaway uid, drops to it and execs Python on the program.
+Without ``isolate`` it sets the limits and execs Python in the host work directory.
+
 Setup failures are written, with the SETUP_FAILED marker, to a status file descriptor that is
 closed when the program is exec'd (so a program cannot fake one), and exit with code 121.
 """
 
-import ctypes
 import json
 import os
 import resource
@@ -23,26 +22,34 @@ import sys
 
 SETUP_FAILED = "SRPO_SANDBOX_SETUP_FAILED"
 SETUP_EXIT = 121
+INIT_STARTED = "SRPO_SANDBOX_INIT_STARTED"  # written by the init: bubblewrap's setup is complete
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_REMOUNT = 32
-MS_BIND = 4096
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
-PR_SET_NO_NEW_PRIVS = 38
-PR_SET_PDEATHSIG = 1
-PYTHON_MOUNT = "/tmp/.srpo-python"
-WORK_MOUNT = "/tmp/work"
-COVERED_DIRS = ("/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
+# Runs inside the sandbox (python -I -S -c INIT_SOURCE CONFIG_JSON), as root with CAP_SETUID,
+# CAP_SETGID and CAP_CHOWN only; bubblewrap has already set no_new_privs. Changing uid clears the
+# permitted and effective capabilities, so the program starts with none.
+INIT_SOURCE = """\
+import json, os, sys
+cfg = json.loads(sys.argv[1])
+status = cfg["status_fd"]
+os.set_inheritable(status, False)
+os.write(status, (cfg["init_started"] + "\\n").encode())
+step = "init"
+try:
+    step = "chown work directory"
+    os.chown(cfg["workdir"], cfg["uid"], cfg["gid"])
+    step = "drop privileges"
+    os.setgroups([])
+    os.setgid(cfg["gid"])
+    os.setuid(cfg["uid"])
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise OSError("still root after setuid")
+    step = "exec python"
+    os.chdir(cfg["workdir"])
+    os.execve(cfg["python"], [cfg["python"], "-I", *cfg["argv"]], cfg["env"])
+except OSError as exc:
+    os.write(status, (cfg["setup_failed"] + ": " + step + ": " + str(exc) + "\\n").encode())
+    os._exit(cfg["setup_exit"])
+"""
 
 STATUS_FD = None  # a file of the parent's, closed on exec of the program (never seen by it)
 
@@ -50,16 +57,6 @@ STATUS_FD = None  # a file of the parent's, closed on exec of the program (never
 def fail(step, detail):
     os.write(STATUS_FD if STATUS_FD is not None else 2, f"{SETUP_FAILED}: {step}: {detail}\n".encode())
     os._exit(SETUP_EXIT)
-
-
-def libc_call(step, name, *args):
-    if getattr(_libc, name)(*args) != 0:
-        fail(step, os.strerror(ctypes.get_errno()))
-
-
-def mount(step, source, target, fstype, flags, data=None):
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    libc_call(step, "mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
 
 
 def set_limits(cfg):
@@ -81,83 +78,35 @@ def set_limits(cfg):
             fail("setrlimit", f"{which}: {exc}")
 
 
-def prepare_namespace(cfg):
-    libc_call("unshare(mount, network, pid namespaces)", "unshare", CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID)
-    mount("make mounts private", None, "/", None, MS_REC | MS_PRIVATE)
-    # Both may live under /tmp, which is covered next: hold them by descriptor.
-    prefix_fd = os.open(cfg["python_prefix"], os.O_PATH | os.O_DIRECTORY)
-    work_fd = os.open(cfg["workdir"], os.O_PATH | os.O_DIRECTORY)
-    safe = MS_NOSUID | MS_NODEV
-    mount("tmpfs over /tmp", "tmpfs", "/tmp", "tmpfs", safe, "size=64k,mode=0755")
-    os.mkdir(PYTHON_MOUNT, 0o755)
-    mount("bind python", f"/proc/self/fd/{prefix_fd}", PYTHON_MOUNT, None, MS_BIND | MS_REC)
-    mount("python read-only", None, PYTHON_MOUNT, None, MS_REMOUNT | MS_BIND | MS_RDONLY | safe)
-    os.mkdir(WORK_MOUNT, 0o755)
-    mount("bind workdir", f"/proc/self/fd/{work_fd}", WORK_MOUNT, None, MS_BIND)
-    mount("workdir nosuid", None, WORK_MOUNT, None, MS_REMOUNT | MS_BIND | safe)
-    mount("/tmp read-only", None, "/tmp", None, MS_REMOUNT | MS_RDONLY | safe)
-    os.close(prefix_fd)
-    os.close(work_fd)
-    os.chdir(WORK_MOUNT)
-    for path in COVERED_DIRS:
-        if os.path.isdir(path) and not os.path.islink(path) and os.stat(path).st_mode & 0o002:
-            mount(f"cover {path}", "tmpfs", path, "tmpfs", MS_RDONLY | safe | MS_NOEXEC, "size=4k")
-
-
-def exec_program(cfg):
-    set_limits(cfg)
-    env = dict(cfg["env"])
-    if cfg["isolate"]:
-        python = os.path.join(PYTHON_MOUNT, cfg["python_rel"])
-        env["LD_LIBRARY_PATH"] = os.path.join(PYTHON_MOUNT, "lib")
-        env["HOME"] = WORK_MOUNT
+def join_cgroups(procs_files):
+    for path in procs_files:
         try:
-            os.setgroups([])
-            os.setgid(cfg["gid"])
-            os.setuid(cfg["uid"])
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
         except OSError as exc:
-            fail("drop privileges", str(exc))
-        libc_call("no_new_privs", "prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        libc_call("parent death signal", "prctl", PR_SET_PDEATHSIG, 9, 0, 0, 0)
-    else:
-        python = cfg["python_executable"]
-        os.chdir(cfg["workdir"])
-    try:
-        os.execve(python, [python, "-I", *cfg["argv"]], env)
-    except OSError as exc:
-        fail("exec python", f"{python}: {exc}")
-
-
-def wait_exit_code(pid):
-    """Exit code of child ``pid``, reaping any orphans (we may be a namespace's init)."""
-    while True:
-        try:
-            got, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return 1
-        if got == pid:
-            if os.WIFSIGNALED(status):
-                return 128 + os.WTERMSIG(status)
-            return os.WEXITSTATUS(status)
+            fail("join cgroup", f"{path}: {exc}")
 
 
 def main():
     global STATUS_FD
     cfg = json.loads(sys.argv[1])
     STATUS_FD = cfg["status_fd"]
-    os.set_inheritable(STATUS_FD, False)  # close-on-exec: the program cannot write to it
     if not cfg["isolate"]:
-        exec_program(cfg)
-    prepare_namespace(cfg)
-    init = os.fork()
-    if init:
-        os._exit(wait_exit_code(init))
-    # PID 1 of the new namespace
-    libc_call("parent death signal", "prctl", PR_SET_PDEATHSIG, 9, 0, 0, 0)
-    program = os.fork()
-    if program == 0:
-        exec_program(cfg)
-    os._exit(wait_exit_code(program))
+        os.set_inheritable(STATUS_FD, False)  # close-on-exec: the program cannot write to it
+        set_limits(cfg)
+        os.chdir(cfg["workdir"])
+        python = cfg["python_executable"]
+        try:
+            os.execve(python, [python, "-I", *cfg["argv"]], cfg["env"])
+        except OSError as exc:
+            fail("exec python", f"{python}: {exc}")
+    join_cgroups(cfg["cgroup_procs"])
+    set_limits(cfg)
+    bwrap = cfg["bwrap_argv"]
+    try:
+        os.execve(bwrap[0], bwrap, {})
+    except OSError as exc:
+        fail("exec bubblewrap", f"{bwrap[0]}: {exc}")
 
 
 if __name__ == "__main__":

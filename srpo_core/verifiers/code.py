@@ -14,11 +14,8 @@ split per problem: training scores the "train" half, evaluation the held-out hal
 
 from __future__ import annotations
 
-import base64
 import json
-import pickle
 import random
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,21 +88,17 @@ class CaseResult:
     reason: str  # "ok", "wrong answer", "timeout", "runtime error: ..."
 
 
-def _decode_lcb_blob(raw: str) -> list:
-    """LiveCodeBench stores private tests as base64(zlib(pickle(json string))).
-
-    This unpickles dataset content: only for the trusted LiveCodeBench source, never for model
-    output."""
-    return json.loads(pickle.loads(zlib.decompress(base64.b64decode(raw.encode("utf-8")))))
-
-
 def parse_test_cases(raw: object) -> tuple[TestCase, ...]:
-    """Test cases from a JSON string, a LiveCodeBench compressed string or a list of dicts."""
+    """Test cases from a JSON string or a list of dicts (``input``, ``output``, ``testtype``).
+
+    JSON only: anything else is a ValueError. LiveCodeBench's compressed private tests are decoded
+    by the benchmark's row converter (:func:`srpo_core.benchmarks.catalog.decode_lcb_blob`), never
+    here: this function reads user input (``srpo score``) and must not unpickle it."""
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raw = _decode_lcb_blob(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"test cases must be a JSON list of {{input, output, testtype}} objects: {exc}") from None
     if not isinstance(raw, list):
         raise ValueError(f"test cases must be a list, got {type(raw).__name__}")
     out = []
