@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,80 @@ def test_boxed_only_refuses_plain_answers():
     verdict = verify_math("The answer is 12.", "12", boxed_only=True)
     assert not verdict.correct and verdict.reason == "no_answer"
     assert verify_math("\\boxed{12}", "12", boxed_only=True).correct
+
+
+# ---- a worker that breaks the protocol (issue 16) ---------------------------------------------
+
+FAKE_WORKER = r"""
+import json, os, sys, time
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()}\n")
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["answer"] == "junk":
+        print("Traceback (most recent call last): not a protocol line", flush=True)
+        time.sleep(3600)  # alive until the parent kills it
+    print(json.dumps({"equal": req["answer"] == req["gold"]}), flush=True)
+"""
+
+
+def test_a_non_json_reply_kills_and_reaps_the_worker_and_the_pool_keeps_working(tmp_path, monkeypatch):
+    from srpo_core.verifiers import math as M
+
+    script, pids = tmp_path / "fake_worker.py", tmp_path / "pids"
+    script.write_text(FAKE_WORKER)
+    pool = M.MathCheckerPool(1, command=(sys.executable, str(script), str(pids)))
+    monkeypatch.setattr(M, "_POOL", pool)
+    try:
+        verdict = verify_math("so \\boxed{junk}", "1")
+        assert not verdict.correct and verdict.score == 0.0 and verdict.extracted == "junk"
+        assert verdict.reason.startswith("error: math-verify worker sent a malformed reply"), verdict.reason
+        (first,) = [int(p) for p in pids.read_text().split()]
+        assert not Path(f"/proc/{first}").exists(), "the worker must be killed and reaped, not leaked"
+        assert pool._idle == []
+        assert pool.check("2", "2", 30) == {"equal": True}  # a fresh worker answers
+        assert verify_math("\\boxed{3}", "4").reason == "wrong"
+        assert len(pids.read_text().split()) == 2 and pool._idle and pool._idle[0].proc.pid != first
+    finally:
+        pool.close()
+
+
+def test_library_output_on_stdout_does_not_corrupt_the_worker_protocol():
+    """The real worker with a check that prints (as sympy or a parser might): the replies stay clean."""
+    from srpo_core.verifiers import math as M
+
+    noisy = (
+        "import srpo_core.verifiers._math_worker as w\n"
+        "real = w.check\n"
+        "def check(gold, answer):\n"
+        "    print('noise from a library')\n"
+        "    return real(gold, answer)\n"
+        "w.check = check\n"
+        "w.main()\n"
+    )
+    pool = M.MathCheckerPool(1, command=(sys.executable, "-c", noisy))
+    try:
+        assert pool.check("\\frac{1}{2}", "0.5", 30) == {"equal": True}
+        assert pool.check("\\frac{1}{2}", "0.6", 30) == {"equal": False}
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    "line, parsed",
+    [
+        (b'{"equal": true}\n', {"equal": True}),
+        (b'{"error": "ValueError: x"}\n', {"error": "ValueError: x"}),
+        (b'{"ready": true}\n', {"ready": True}),
+        (b"noise\n", None),
+        (b"\xff\xfe\n", None),
+        (b"[1, 2]\n", None),
+        (b'{"equal": "yes"}\n', None),
+        (b'{"equal": true, "extra": 1}\n', None),
+    ],
+)
+def test_parse_reply_accepts_only_protocol_lines(line, parsed):
+    from srpo_core.verifiers.math import parse_reply
+
+    assert parse_reply(line) == parsed

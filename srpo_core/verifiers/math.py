@@ -123,17 +123,35 @@ def _read_line(fd: int, deadline: float) -> bytes | None:
     return buf
 
 
+WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "srpo_core.verifiers._math_worker")
+
+
+def parse_reply(line: bytes) -> dict | None:
+    """A worker's reply line as ``{"equal": bool}``, ``{"error": str}`` or ``{"ready": True}``;
+    None for anything else (not JSON, not an object, other keys or types)."""
+    try:
+        reply = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    if not isinstance(reply, dict) or len(reply) != 1:
+        return None
+    ((key, value),) = reply.items()
+    if (key in ("equal", "ready") and isinstance(value, bool)) or (key == "error" and isinstance(value, str)):
+        return reply
+    return None
+
+
 class _Worker:
     """One math-verify child process."""
 
-    def __init__(self, startup_timeout_s: float) -> None:
+    def __init__(self, startup_timeout_s: float, command: tuple[str, ...] = WORKER_COMMAND) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_package_root(), env.get("PYTHONPATH", "")) if p
         )
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "srpo_core.verifiers._math_worker"],
+            list(command),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -145,11 +163,13 @@ class _Worker:
             line = _read_line(self.proc.stdout.fileno(), time.monotonic() + startup_timeout_s)
         except EOFError:
             line = None
-        if line is None or not json.loads(line).get("ready"):
-            self.kill()
+        if line is None or parse_reply(line) != {"ready": True}:
+            self._stop()
             self._stderr.seek(0)
             detail = self._stderr.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"math-verify worker failed to start: {detail or 'no output'}")
+            self.kill()
+            seen = f"; its first line was {line[:200]!r}" if line else ""
+            raise RuntimeError(f"math-verify worker failed to start: {detail or 'no output'}{seen}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -166,12 +186,22 @@ class _Worker:
         if line is None:
             self.kill()
             return None
-        return json.loads(line)
+        reply = parse_reply(line)
+        if reply is None or "ready" in reply:
+            # A corrupted protocol stream: this worker's next lines cannot be trusted either.
+            self.kill()
+            return {"error": f"math-verify worker sent a malformed reply: {line[:200]!r}"}
+        return reply
 
-    def kill(self) -> None:
+    def _stop(self) -> None:
+        """SIGKILL (if still running) and reap the child."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+    def kill(self) -> None:
+        """Stop and reap the child and close its pipes (idempotent)."""
+        self._stop()
         for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
             try:
                 stream.close()
@@ -183,13 +213,17 @@ class MathCheckerPool:
     """A bounded, thread-safe pool of math-verify child processes with hard timeouts.
 
     At most ``size`` checks run at once; further callers wait for a free worker (that wait is
-    bounded because every check is). Workers start lazily and are replaced after a kill.
+    bounded because every check is). Workers start lazily and are replaced after a kill: a worker
+    that times out, dies, or answers with anything but a protocol line (:func:`parse_reply`) is
+    killed and reaped, and that check is reported as ``{"error": ...}`` (scored 0 with a reason).
+    ``command`` starts one worker (the real one by default).
     """
 
-    def __init__(self, size: int, startup_timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
+    def __init__(self, size: int, startup_timeout_s: float = _STARTUP_TIMEOUT_S, command: tuple[str, ...] = WORKER_COMMAND) -> None:
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
         self.size = size
+        self.command = tuple(command)
         self.pid = os.getpid()
         self._startup_timeout_s = startup_timeout_s
         self._slots = threading.BoundedSemaphore(size)
@@ -208,7 +242,7 @@ class MathCheckerPool:
                 worker.kill()  # reap it and close its pipes
                 worker = None
             if worker is None:
-                worker = _Worker(self._startup_timeout_s)
+                worker = _Worker(self._startup_timeout_s, self.command)
             reply = worker.request(gold, answer, timeout_s)
             if worker.alive():
                 with self._lock:
