@@ -7,10 +7,12 @@ Extraction (pure string work, done in the caller): the content of the last brace
 --math-fallback``) an unboxed response is read instead: the text after the last "final answer
 is" / "answer:" phrase on its line; else the text after the last ``####``; else the last number.
 
-Normalisation (:func:`normalize_answer`, pure string work, on the gold and the answer alike):
-forms math-verify's parser misreads or drops are rewritten before it sees them: units and
-currencies in words or symbols, degree marks, percent words, thousands separators, repeating
-decimals, mixed numbers, "x = ..." assignments and "x = a or x = b" solution lists.
+Normalisation (:func:`answer_form`, :func:`comparison_pairs`; pure string work, on the gold and
+the answer alike): forms math-verify's parser misreads or drops are rewritten before it sees
+them: currencies and units in words or symbols, degree marks (a degree gold against an answer in
+radians is compared in degrees), percent marks and words (83% also matches 0.83), digit-group
+separators, repeating decimals (to exact fractions), plain mixed numbers ("1 4/5"), chained
+equalities ("x = y = 1/2") and unions of inequalities ("x < 2 or x > 3").
 
 Comparison: math-verify (``parse`` + ``verify``) on the extracted answer against the gold, both
 wrapped as ``\\boxed{...}`` so that the whole string is read as one LaTeX expression.
