@@ -10,11 +10,11 @@ from __future__ import annotations
 import ast
 import json
 import re
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from srpo_core.benchmarks import (
     BENCHMARKS,
