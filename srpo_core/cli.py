@@ -46,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:
         parser.error(f"subcommand {args.command!r} is not available in this build")
+    from srpo_core.benchmarks.registry import BenchmarkUnavailable  # no torch
     from srpo_core.config import ConfigError
 
     try:
         return int(func(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, BenchmarkUnavailable) as exc:
         print(f"srpo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

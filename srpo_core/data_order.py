@@ -65,3 +65,12 @@ def data_cursor(cfg: Config, step: int) -> dict:
     items = train_items(cfg)
     per_epoch = len(step_batches(len(items), cfg.train.prompts_per_step, 1, cfg.train.seed))
     return {"step": step, "epoch": step // per_epoch, "index_in_epoch": step % per_epoch, "item_ids": step_item_ids(cfg, step, items)}
+
+
+def check_sources(cfg: Config, extra: tuple[str, ...] = ()) -> None:
+    """Fail before any model is loaded, with a one-line benchmarks.BenchmarkUnavailable naming the
+    file and the ways to provide it, when the training task's or an evaluation benchmark's data
+    cannot be read here (files are located, not parsed)."""
+    from srpo_core.benchmarks import check_sources as locate
+
+    locate((cfg.data.task, *cfg.eval.benchmarks, *extra), paths={cfg.data.task: cfg.data.path} if cfg.data.path else None)

@@ -20,7 +20,7 @@ Prompts longer than ``rollout.max_prompt_tokens`` (``long_prompts``)
     ``eval/<benchmark>/truncated`` / ``skipped``), and flagged per item in the outcomes.
 
 :func:`evaluate_suite` evaluates several benchmarks (task names: ``synthetic`` or any registry
-benchmark, see :mod:`srpo_core.benchmarks.tasks`) and logs ``eval/<benchmark>/accuracy`` (and
+benchmark, see :mod:`srpo_core.tasks.benchmark`) and logs ``eval/<benchmark>/accuracy`` (and
 pass@k as ``eval/<benchmark>/pass_at_<k>``: MLflow metric names cannot contain ``@``) to MLflow at the training step, plus the per-item outcomes as
 ``eval/step_<step>/outcomes.jsonl`` and ``.csv`` artifacts.
 """

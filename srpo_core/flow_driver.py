@@ -71,7 +71,8 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
     """Everything that can fail cheaply, before any model is loaded: data, store, MLflow."""
     from srpo_core import tracking
 
-    items = data_order.train_items(cfg)  # a missing dataset fails here, naming the file
+    data_order.check_sources(cfg)  # a missing data file fails here, in one line naming it
+    items = data_order.train_items(cfg)
     if len(items) < cfg.train.prompts_per_step:
         raise ValueError(f"data.task {cfg.data.task!r} has {len(items)} training items < train.prompts_per_step={cfg.train.prompts_per_step}")
     store = S.open_store()

@@ -123,6 +123,7 @@ def train(cfg: Config, out_dir: Path, max_steps: int | None = None, progress: bo
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data_order.check_sources(cfg)
     session = open_session(cfg)
     test_items = session.task.items("test", cfg.eval.items_per_benchmark, cfg.data.data_seed)
     before = evaluate(session.engine, session.task, test_items, cfg, progress=progress)

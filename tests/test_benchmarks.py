@@ -1,8 +1,13 @@
-"""Benchmark registry: every entry loads its sample and formats a prompt; sampling, splits,
-malformed rows, hub errors, and registration from other modules."""
+"""Benchmark registry: every entry loads its packaged sample and formats a prompt; sampling,
+splits, malformed rows, the lookup order of local files and the one-line error when a file is
+missing, hub errors, and registration from other modules.
+
+These tests read only the samples shipped in the package (srpo_core/assets/benchmarks): they
+pass in a clone or a wheel with nothing beside it."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import pickle
@@ -11,6 +16,7 @@ import sys
 import types
 import warnings
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +26,11 @@ from srpo_core.benchmarks import (
     Benchmark,
     BenchmarkDataError,
     BenchmarkDataWarning,
+    BenchmarkFileMissing,
     BenchmarkUnavailable,
+    HubSource,
     Item,
+    check_sources,
     get_benchmark,
     list_benchmarks,
     looks_verifiable,
@@ -29,24 +38,27 @@ from srpo_core.benchmarks import (
     sample_items,
 )
 from srpo_core.benchmarks.catalog import LCB_REVISION, decode_lcb_blob, livecodebench_item, math_prompt
-from srpo_core.benchmarks.registry import HubSource, RowError, benchmark_dir
+from srpo_core.benchmarks.registry import RowError, benchmark_dir
+from srpo_core.benchmarks.samples import PACKAGED_DIR, SAMPLE_RULES, SampleRule, select_lines
 from tests.test_verifiers_code import hostile_blob
 
-# name -> (items in the sample file after filtering, answer types present)
+SRPO_CORE = Path(__file__).resolve().parents[1] / "srpo_core"
+
+# name -> (items in the packaged sample after filtering, answer types present)
 EXPECTED = {
     "numinamath_olympiads": (96, {"math"}),
     "hmmt_nov_2025": (20, {"math"}),
-    "math_level5": (500, {"math"}),
-    "math500": (450, {"math"}),
+    "math_level5": (20, {"math"}),
+    "math500": (20, {"math"}),
     "aime24": (20, {"math"}),
-    "gsm8k": (500, {"math"}),
-    "strategyqa": (500, {"yes_no"}),
-    "commonsenseqa": (500, {"choice"}),
-    "sciknoweval_chemistry": (500, {"choice", "filling"}),
-    "sciknoweval_biology": (500, {"choice", "yes_no"}),
-    "sciknoweval_materials": (500, {"choice"}),
-    "sciknoweval_physics": (500, {"choice"}),
-    "livecodebench_medium": (104, {"code"}),
+    "gsm8k": (20, {"math"}),
+    "strategyqa": (20, {"yes_no"}),
+    "commonsenseqa": (50, {"choice"}),
+    "sciknoweval_chemistry": (20, {"choice", "filling"}),
+    "sciknoweval_biology": (30, {"choice", "yes_no"}),
+    "sciknoweval_materials": (10, {"choice"}),
+    "sciknoweval_physics": (10, {"choice"}),
+    "livecodebench_medium": (20, {"code"}),
 }
 
 
@@ -92,7 +104,7 @@ def test_sciknoweval_prompt_layout():
 
 def test_golds_of_special_sources():
     gsm8k = get_benchmark("gsm8k").load()
-    assert gsm8k[0].gold == "18" and "2,125" in {i.gold for i in gsm8k}
+    assert gsm8k[0].gold == "18" and gsm8k[2].gold == "70000"
     level5 = get_benchmark("math_level5").load()[0]
     assert level5.gold == "\\frac{1}{2}" and level5.id == "test/algebra/2.json"
     assert get_benchmark("aime24").load()[0].gold == "113"
@@ -101,7 +113,7 @@ def test_golds_of_special_sources():
     numina = get_benchmark("numinamath_olympiads").load()[0]
     assert numina.gold == "83\\%" and numina.question.startswith("The efficiency of an ideal heat engine")
     lcb = get_benchmark("livecodebench_medium").load()
-    assert sum(i.meta["platform"] == "leetcode" for i in lcb) == 54
+    assert sum(i.meta["platform"] == "leetcode" for i in lcb) == 10
     assert all(i.meta["func_name"] for i in lcb if i.meta["platform"] == "leetcode")
 
 
@@ -114,16 +126,16 @@ def test_verifiable_filter():
 
 def test_seeded_sampling_is_deterministic_and_seed_dependent():
     bench = get_benchmark("gsm8k")
-    a = [i.id for i in bench.load(n=50, seed=42)]
-    assert a == [i.id for i in bench.load(n=50, seed=42)]
-    assert a != [i.id for i in bench.load(n=50, seed=7)]
-    assert len(set(a)) == 50
+    a = [i.id for i in bench.load(n=12, seed=42)]
+    assert a == [i.id for i in bench.load(n=12, seed=42)]
+    assert a != [i.id for i in bench.load(n=12, seed=7)]
+    assert len(set(a)) == 12
     items = bench.load()
     expected = list(range(len(items)))
     import random
 
     random.Random(42).shuffle(expected)
-    assert a == [items[k].id for k in expected[:50]]
+    assert a == [items[k].id for k in expected[:12]]
     assert sample_items(items, None, 0) == items
 
 
@@ -169,24 +181,60 @@ def test_bad_choice_gold_is_malformed(tmp_path):
         get_benchmark("commonsenseqa").load(path=path)
 
 
-def test_benchmark_dir_env(tmp_path, monkeypatch):
+def test_benchmark_dir_env_comes_first_then_the_packaged_samples(tmp_path, monkeypatch):
     _write(tmp_path / "aime24.jsonl", [json.dumps({"id": 1, "problem": "p", "answer": "7"})])
     monkeypatch.setenv("SRPO_BENCHMARK_DIR", str(tmp_path))
     assert benchmark_dir() == tmp_path
     assert [i.gold for i in get_benchmark("aime24").load()] == ["7"]
-    with pytest.raises(BenchmarkUnavailable, match="not found"):
-        get_benchmark("gsm8k").load()
+    gsm8k = get_benchmark("gsm8k")  # not in the folder: the packaged sample
+    assert gsm8k.local_path() == PACKAGED_DIR / "gsm8k.jsonl" and gsm8k.is_packaged_sample()
+    assert not get_benchmark("aime24").is_packaged_sample()
+    monkeypatch.delenv("SRPO_BENCHMARK_DIR")
+    assert benchmark_dir() == PACKAGED_DIR
 
 
-def test_acereason_has_no_local_sample_and_hub_needs_datasets():
+def _one_line_error(exc_info, *needles):
+    message = str(exc_info.value)
+    assert "\n" not in message and all(n in message for n in needles), message
+
+
+def test_a_missing_file_is_one_line_naming_it_and_the_ways_to_provide_it(tmp_path, monkeypatch):
+    ghost = Benchmark("ghost_for_test", "toy", lambda row, i: None, math_prompt, ("math",), "ghost.jsonl", HubSource("org/ghost", "test"))
+    register_benchmark(ghost)
+    try:
+        with pytest.raises(BenchmarkFileMissing) as info:
+            ghost.load()
+        _one_line_error(info, "ghost_for_test", "ghost.jsonl", "SRPO_BENCHMARK_DIR", "org/ghost", "datasets")
+        assert info.value.file == "ghost.jsonl" and isinstance(info.value, (BenchmarkUnavailable, FileNotFoundError))
+        monkeypatch.setenv("SRPO_BENCHMARK_DIR", str(tmp_path))
+        with pytest.raises(BenchmarkFileMissing) as info:
+            ghost.load()
+        _one_line_error(info, str(tmp_path), "ghost.jsonl")
+        with pytest.raises(BenchmarkFileMissing) as info:  # the check a command runs before it starts
+            check_sources(["synthetic", "gsm8k", "ghost_for_test"])
+        _one_line_error(info, "ghost.jsonl")
+        check_sources(["synthetic", "gsm8k", "commonsenseqa"])  # all there: no error
+    finally:
+        BENCHMARKS.pop("ghost_for_test", None)
+    with pytest.raises(BenchmarkFileMissing) as info:
+        get_benchmark("math500").load(path=tmp_path / "typo.jsonl")
+    _one_line_error(info, "typo.jsonl")
+    with pytest.raises(BenchmarkFileMissing):
+        check_sources(["math500"], paths={"math500": str(tmp_path / "typo.jsonl")})
+
+
+def test_acereason_has_no_packaged_sample_and_hub_needs_datasets():
     bench = get_benchmark("acereason_math")
-    with pytest.raises(BenchmarkUnavailable, match="no local sample"):
+    with pytest.raises(BenchmarkFileMissing) as info:
         bench.load()
+    _one_line_error(info, "acereason_math.jsonl", "SRPO_BENCHMARK_DIR", "nvidia/AceReason-Math")
     try:
         import datasets  # noqa: F401
     except ImportError:
         with pytest.raises(BenchmarkUnavailable, match="datasets"):
             bench.load(source="hub")
+        with pytest.raises(BenchmarkUnavailable, match="datasets"):
+            check_sources(["acereason_math"], source="hub")
     else:  # pragma: no cover - depends on the environment
         pytest.skip("datasets is installed; the hub path is exercised elsewhere")
 
@@ -241,12 +289,69 @@ def test_no_torch_or_transformers_imported():
 
 
 def test_load_eval_follows_the_reference_protocol():
-    assert len(get_benchmark("commonsenseqa").load_eval()) == 500
+    assert len(get_benchmark("commonsenseqa").load_eval()) == 50  # eval_n = 500: all the sample has
     assert len(get_benchmark("aime24").load_eval()) == 20
     numina = get_benchmark("numinamath_olympiads")
     assert [i.id for i in numina.load_eval()] == [i.id for i in numina.load(split="test")]
     small = get_benchmark("gsm8k").load_eval(seed=3)
-    assert len(small) == 500 and [i.id for i in small] != [i.id for i in get_benchmark("gsm8k").load()]
+    assert len(small) == 20 and [i.id for i in small] != [i.id for i in get_benchmark("gsm8k").load()]
+
+
+# ---- the packaged samples and what the package may read ----------------------------------------------
+
+
+def test_the_code_reads_no_folder_outside_the_package():
+    """No module names a path beside the repository (the old default was <repo>/../shared)."""
+    pattern = re.compile(r"""\.\./shared|shared/data|["']shared["']""")
+    offenders = [
+        f"{path.relative_to(SRPO_CORE.parent)}:{n}"
+        for path in sorted(SRPO_CORE.rglob("*"))
+        if path.suffix in (".py", ".yaml", ".txt", ".md") and path.is_file()
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
+
+
+def test_every_local_file_but_acereason_is_packaged_and_shipped_as_package_data():
+    files = {b.local_file for b in BENCHMARKS.values() if b.local_file} - {"acereason_math.jsonl"}
+    assert files == set(SAMPLE_RULES)
+    assert all((PACKAGED_DIR / f).is_file() for f in files)
+    assert (PACKAGED_DIR / "README.md").is_file()
+    readme = (PACKAGED_DIR / "README.md").read_text()
+    assert all(f"`{f}`" in readme for f in files), "each file's source and license is stated"
+    package_data = re.search(r"(?ms)^\[tool\.setuptools\.package-data\]\s*\nsrpo_core = \[(.*?)\]", (SRPO_CORE.parent / "pyproject.toml").read_text())
+    assert package_data and '"assets/**/*"' in package_data.group(1)  # tomllib needs Python 3.11; the project supports 3.10
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_RULES))
+def test_each_packaged_sample_follows_its_rule(name):
+    """A sample is a fixed point of its own selection rule: the first n (of each stratum) only."""
+    lines = (PACKAGED_DIR / name).read_text(encoding="utf-8").splitlines(keepends=True)
+    rule = SAMPLE_RULES[name]
+    assert select_lines(lines, rule, name) == lines
+    if rule.first is not None and rule.per is None:
+        assert len(lines) == rule.first
+
+
+def test_select_lines_keeps_the_first_of_each_stratum_in_file_order():
+    rows = [json.dumps({"type": t, "k": i}) + "\n" for i, t in enumerate("aabbbacb")]
+    kept = select_lines(["\n", *rows], SampleRule(2, per="type"))
+    assert [json.loads(line)["k"] for line in kept] == [0, 1, 2, 3, 6]
+    assert select_lines(rows, SampleRule(3)) == rows[:3] and select_lines(rows, SampleRule(None)) == rows
+    with pytest.raises(ValueError, match="no field 'platform'"):
+        select_lines(rows, SampleRule(1, per="platform"), "x.jsonl")
+
+
+def test_benchmarks_never_import_the_task_registry():
+    """srpo_core.tasks imports srpo_core.benchmarks (lazily, in get_task); never the reverse, at
+    any level of a module (the tasks <-> benchmarks.tasks import circle of issue 11)."""
+    offenders = []
+    for path in sorted((SRPO_CORE / "benchmarks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n == "srpo_core.tasks" or n.startswith("srpo_core.tasks.")]
+    assert offenders == []
 
 
 def lcb_row(private: str) -> dict:

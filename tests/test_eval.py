@@ -162,7 +162,7 @@ def test_template_longer_than_the_limit_skips():
 
 def test_every_benchmark_is_a_task():
     from srpo_core.benchmarks import list_benchmarks
-    from srpo_core.benchmarks.tasks import BenchmarkTask
+    from srpo_core.tasks.benchmark import BenchmarkTask
 
     task = get_task("commonsenseqa")
     assert isinstance(task, BenchmarkTask) and task.name == "commonsenseqa" and not task.has_step_checker
@@ -200,7 +200,7 @@ def test_numinamath_train_and_test_are_disjoint():
 
 def test_malformed_rows_are_explicit(tmp_path):
     from srpo_core.benchmarks import BenchmarkDataError, BenchmarkDataWarning
-    from srpo_core.benchmarks.tasks import BenchmarkTask
+    from srpo_core.tasks.benchmark import BenchmarkTask
 
     good = {"id": "q1", "question": "Where?", "choices": {"label": list("ABCDE"), "text": list("abcde")}, "answerKey": "B"}
     path = tmp_path / "csqa.jsonl"

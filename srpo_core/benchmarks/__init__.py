@@ -2,7 +2,7 @@
 
     from srpo_core.benchmarks import get_benchmark
     bench = get_benchmark("commonsenseqa")
-    items = bench.load(n=bench.eval_n)              # local sample; source="hub" for the full set
+    items = bench.load(n=bench.eval_n)              # local file; source="hub" for the full set
     prompt = bench.format_prompt(items[0])          # the {question} of the rollout template
     verdict = bench.score(response, items[0])       # Verdict(correct, score, extracted, reason)
 
@@ -16,23 +16,26 @@ from srpo_core.benchmarks.registry import (
     Benchmark,
     BenchmarkDataError,
     BenchmarkDataWarning,
+    BenchmarkFileMissing,
     BenchmarkUnavailable,
     HubSource,
     RowError,
     benchmark_dir,
+    check_sources,
     get_benchmark,
     list_benchmarks,
     register_benchmark,
     sample_items,
 )
+from srpo_core.benchmarks.samples import PACKAGED_DIR
 from srpo_core.benchmarks.scoring import SCORERS, ScoreOptions, score_item, tests_for
 
 register_builtin()
 
 __all__ = [
     "ANSWER_TYPES", "BENCHMARKS", "Benchmark", "BenchmarkDataError", "BenchmarkDataWarning",
-    "BenchmarkUnavailable", "CHOICE", "CODE", "EVAL_SUITE", "FILLING", "HubSource", "Item", "MATH",
-    "RowError", "SCORERS", "ScoreOptions", "TRAIN_BENCHMARK", "YES_NO", "benchmark_dir",
-    "get_benchmark", "list_benchmarks", "looks_verifiable", "register_benchmark", "sample_items",
+    "BenchmarkFileMissing", "BenchmarkUnavailable", "CHOICE", "CODE", "EVAL_SUITE", "FILLING", "HubSource",
+    "Item", "MATH", "PACKAGED_DIR", "RowError", "SCORERS", "ScoreOptions", "TRAIN_BENCHMARK", "YES_NO",
+    "benchmark_dir", "check_sources", "get_benchmark", "list_benchmarks", "looks_verifiable", "register_benchmark", "sample_items",
     "score_item", "tests_for",
 ]

@@ -371,8 +371,8 @@ BUILTIN: tuple[Benchmark, ...] = (
         HubSource("EleutherAI/hendrycks_math", "test", MATH_SUBJECTS, where=lambda row: row.get("level") == "Level 5"),
     ),
     Benchmark(
-        "acereason_math", "AceReason-Math (hub only; no local sample)",
-        _plain_math("problem", "answer", None, "acereason_math"), math_prompt, (MATH,), None,
+        "acereason_math", "AceReason-Math (no packaged sample: the hub, or acereason_math.jsonl in SRPO_BENCHMARK_DIR)",
+        _plain_math("problem", "answer", None, "acereason_math"), math_prompt, (MATH,), "acereason_math.jsonl",
         HubSource("nvidia/AceReason-Math", "train"),
     ),
     Benchmark(

@@ -3,9 +3,12 @@
 Other modules add entries with :func:`register_benchmark` (e.g. the synthetic task of
 ``srpo_core.tasks``); the built-in entries live in :mod:`srpo_core.benchmarks.catalog`.
 
-Local files: an explicit ``path``, else ``$SRPO_BENCHMARK_DIR/<file>``, else
-``<repo>/../shared/data/benchmarks/<file>``. Hub: ``datasets.load_dataset`` (imported lazily;
-a clear :class:`BenchmarkUnavailable` when it is missing or the hub cannot be reached).
+Local files: an explicit ``path``, else ``$SRPO_BENCHMARK_DIR/<file>``, else the sample shipped
+in the package (``srpo_core/assets/benchmarks/<file>``, a few rows per benchmark: see
+:mod:`srpo_core.benchmarks.samples`). A file found nowhere raises :class:`BenchmarkFileMissing`,
+whose message is one line naming the file and the ways to provide it. Hub:
+``datasets.load_dataset`` (imported lazily; a clear :class:`BenchmarkUnavailable` when it is
+missing or the hub cannot be reached).
 Sampling: ``random.Random(seed)`` shuffles the items, the first ``n`` are kept (REFERENCE.md).
 Malformed rows (bad JSON, missing question or gold) are reported with file and line and are
 either fatal (``on_error="raise"``) or skipped with a warning that counts them
@@ -14,6 +17,7 @@ either fatal (``on_error="raise"``) or skipped with a warning that counts them
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from srpo_core.benchmarks.items import Item
+from srpo_core.benchmarks.samples import PACKAGED_DIR
 from srpo_core.benchmarks.scoring import ScoreOptions, score_item
 from srpo_core.verifiers.verdict import Verdict
 
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "skip")
 SOURCES = ("local", "hub")
 ENV_BENCHMARK_DIR = "SRPO_BENCHMARK_DIR"
+ENV_BENCHMARK_SOURCE = "SRPO_BENCHMARK_SOURCE"  # read by the benchmark tasks: "local" (default) or "hub"
 
 
 class BenchmarkDataError(ValueError):
@@ -41,7 +47,22 @@ class BenchmarkDataError(ValueError):
 
 
 class BenchmarkUnavailable(RuntimeError):
-    """The requested source cannot be read here (no local file, no ``datasets``, no hub)."""
+    """The requested source cannot be read here (no local file, no ``datasets``, no hub).
+
+    Its message is one line meant for the console: a command catches it and prints it.
+    """
+
+
+class BenchmarkFileMissing(BenchmarkUnavailable, FileNotFoundError):
+    """A benchmark's local file exists nowhere it is looked for (``file`` names it)."""
+
+    def __init__(self, message: str, benchmark: str, file: str):
+        super().__init__(message)
+        self.benchmark = benchmark
+        self.file = file
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class BenchmarkDataWarning(UserWarning):
@@ -121,18 +142,45 @@ class Benchmark:
     # ------------------------------------------------------------------ loading
 
     def local_path(self, path: str | os.PathLike | None = None) -> Path:
-        """The local JSONL file to read (explicit, env dir, or the repo's shared samples)."""
+        """The local JSONL file to read: ``path``, else ``$SRPO_BENCHMARK_DIR/<file>``, else the
+        packaged sample (:class:`BenchmarkFileMissing` when none exists)."""
         if path is not None:
             candidate = Path(path)
-        elif self.local_file is None:
-            raise BenchmarkUnavailable(
-                f"{self.name}: no local sample exists; load it with source='hub' or pass path="
-            )
-        else:
-            candidate = benchmark_dir() / self.local_file
-        if not candidate.is_file():
-            raise BenchmarkUnavailable(f"{self.name}: local file not found: {candidate}")
-        return candidate
+            if not candidate.is_file():
+                raise BenchmarkFileMissing(
+                    f"{self.name}: benchmark file not found: {candidate} (check data.path / path=)", self.name, str(candidate)
+                )
+            return candidate
+        if self.local_file is None:
+            raise BenchmarkFileMissing(f"{self.name}: no local file is known; {self._provide_hint()}", self.name, "")
+        env = os.environ.get(ENV_BENCHMARK_DIR)
+        places = [Path(env) / self.local_file] if env else []
+        places.append(PACKAGED_DIR / self.local_file)
+        for candidate in places:
+            if candidate.is_file():
+                if env and candidate.parent == PACKAGED_DIR:
+                    log.warning("%s: %s is not in $%s=%s; reading the packaged sample %s", self.name, self.local_file, ENV_BENCHMARK_DIR, env, candidate)
+                return candidate
+        looked = (f"${ENV_BENCHMARK_DIR} ({env}) or " if env else "") + "the packaged samples"
+        raise BenchmarkFileMissing(
+            f"{self.name}: benchmark file {self.local_file} not found in {looked}; {self._provide_hint()}", self.name, self.local_file
+        )
+
+    def _provide_hint(self) -> str:
+        """The ways to provide this benchmark's data, for one-line errors."""
+        ways = []
+        if self.local_file is not None:
+            ways.append(f"set {ENV_BENCHMARK_DIR} to a folder holding {self.local_file}")
+        if self.hub is not None:
+            ways.append(f"load {self.hub.path} from the hub (pip install datasets; {ENV_BENCHMARK_SOURCE}=hub or source='hub')")
+        return "provide it: " + ", or ".join(ways) if ways else "no source is known"
+
+    def is_packaged_sample(self, path: str | os.PathLike | None = None) -> bool:
+        """Whether local loads read the sample shipped in the package (a few rows, not the benchmark)."""
+        try:
+            return self.local_path(path).parent == PACKAGED_DIR
+        except BenchmarkUnavailable:
+            return False
 
     def load(
         self,
@@ -265,15 +313,40 @@ def list_benchmarks() -> list[str]:
     return sorted(BENCHMARKS)
 
 
+def check_sources(names: Iterable[str], *, source: str | None = None, paths: dict[str, str] | None = None) -> None:
+    """Fail early, with the one-line :class:`BenchmarkUnavailable` a command prints, when a named
+    benchmark's data cannot be read here. Cheap: files are located, not parsed.
+
+    names: task or benchmark names (names that are not benchmarks, e.g. "synthetic", are skipped).
+    source: "local" or "hub" (default ``$SRPO_BENCHMARK_SOURCE``, else "local").
+    paths: name -> an explicit local file (``data.path``), which then must exist.
+    """
+    source = source or os.environ.get(ENV_BENCHMARK_SOURCE) or "local"
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r} (${ENV_BENCHMARK_SOURCE})")
+    paths = paths or {}
+    for name in names:
+        bench = BENCHMARKS.get(name)
+        if bench is None:
+            continue
+        if paths.get(name):
+            bench.local_path(paths[name])
+        elif source == "local":
+            bench.local_path()
+        elif bench.hub is None:
+            raise BenchmarkUnavailable(f"{name}: no hub source is known; {bench._provide_hint()}")
+        elif importlib.util.find_spec("datasets") is None:
+            raise BenchmarkUnavailable(f"{name}: loading {bench.hub.path} from the hub needs the `datasets` library (pip install datasets)")
+
+
 # ---------------------------------------------------------------------- helpers
 
 
 def benchmark_dir() -> Path:
-    """``$SRPO_BENCHMARK_DIR`` if set, else ``<repo>/../shared/data/benchmarks``."""
+    """The first folder searched for local files: ``$SRPO_BENCHMARK_DIR`` if set, else the
+    packaged samples (a file missing from ``$SRPO_BENCHMARK_DIR`` is then read from the samples)."""
     env = os.environ.get(ENV_BENCHMARK_DIR)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
+    return Path(env) if env else PACKAGED_DIR
 
 
 def read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:

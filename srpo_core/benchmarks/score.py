@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
         return 2
     configure_pool(args.workers)
-    options = ScoreOptions(math_timeout_s=args.timeout, code_split=args.code_split)
+    options = ScoreOptions(math_timeout_s=args.timeout, code_split=args.code_split, math_fallback=args.math_fallback)
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(score_task, task, options) for task in tasks]
         verdicts = []
@@ -228,6 +228,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--code-split", choices=("all", "train", "eval"), default="all",
         help="which test cases score code records (default: all given)",
+    )
+    parser.add_argument(
+        "--math-fallback", action="store_true",
+        help="math: also read an unboxed answer ('answer is', '####', the last number); default: the last \\boxed{} or score 0",
     )
     parser.add_argument(
         "--on-error", choices=("raise", "skip"), default="raise",

@@ -18,7 +18,8 @@ CODE_SPLITS = ("train", "eval", "all")
 @dataclass(frozen=True)
 class ScoreOptions:
     """math_timeout_s: wall-clock limit of one math-verify check.
-    math_boxed_only: accept only a boxed math answer (no "answer is" / last-number fallback).
+    math_fallback: also read an unboxed math answer ("answer is" / "####" / last number). Off by
+      default: the paper's rule, the last ``\\boxed{}`` or reward 0.
     code_split: which test cases score code: "train" (training reward), "eval" (held-out half,
       for evaluation) or "all".
     test_split_seed: seed of the per-problem 50/50 split (REFERENCE.md: 42).
@@ -28,7 +29,7 @@ class ScoreOptions:
     """
 
     math_timeout_s: float = DEFAULT_TIMEOUT_S
-    math_boxed_only: bool = False
+    math_fallback: bool = False
     code_split: str = "eval"
     test_split_seed: int = 42
     sandbox: SandboxLimits = SandboxLimits()
@@ -48,7 +49,7 @@ def tests_for(item: Item, split: str, seed: int = 42) -> tuple[TestCase, ...]:
 
 
 def _score_math(response: str, item: Item, opts: ScoreOptions) -> Verdict:
-    return verify_math(response, item.gold, opts.math_timeout_s, boxed_only=opts.math_boxed_only)
+    return verify_math(response, item.gold, opts.math_timeout_s, fallback=opts.math_fallback)
 
 
 def _score_choice(response: str, item: Item, opts: ScoreOptions) -> Verdict:

@@ -122,6 +122,7 @@ def plan_comparison(
 
     for name in bench:
         get_task(name)  # an unknown name fails here, before any training
+    data_order.check_sources(cfg, tuple(bench))
     default_n = eval_items or cfg.eval.items_per_benchmark
     per_bench = {b: counts.get(b, default_n) for b in bench}
     specs = []

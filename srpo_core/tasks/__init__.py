@@ -2,32 +2,17 @@
 
 A task yields items (id, question, gold), scores a response (reward in [0, 1]) and, where it has
 a step checker, returns the first wrong thought of a chain (the CPI-CARO credit oracle). Tasks
-are chosen by name from `TASKS`; benchmark-backed tasks are added by `srpo_core.benchmarks`.
+are chosen by name from `TASKS`; `get_task` adds the benchmark-backed tasks
+(`srpo_core.tasks.benchmark`) on a miss. `TaskItem` and the `Task` protocol live in `tasks.base`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from collections.abc import Callable
 
+from srpo_core.tasks.base import Task, TaskItem
 
-@dataclass(frozen=True)
-class TaskItem:
-    id: str
-    question: str
-    gold: str
-    meta: dict = field(default_factory=dict, hash=False, compare=False)
-
-
-class Task(Protocol):
-    name: str
-    has_step_checker: bool
-
-    def items(self, split: str, n: int, seed: int) -> list[TaskItem]: ...
-
-    def reward(self, item: TaskItem, response: str) -> float: ...
-
-    def first_error(self, item: TaskItem, thoughts: list[str]) -> int | None: ...
+__all__ = ["TASKS", "SyntheticTask", "Task", "TaskItem", "get_task"]
 
 
 class SyntheticTask:
@@ -58,10 +43,12 @@ TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask}
 def get_task(name: str, path: str = "") -> Task:
     """The task `name`; `path` points a data-backed task at a local file instead of its default."""
     if name not in TASKS:
-        try:  # benchmark-backed tasks register themselves on import
-            import srpo_core.benchmarks.tasks  # noqa: F401
+        try:  # benchmark-backed tasks, added on first use (srpo_core.benchmarks never imports tasks)
+            from srpo_core.tasks.benchmark import register_all
         except ModuleNotFoundError:
             pass
+        else:
+            register_all(TASKS)
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
     if path and name == "synthetic":

@@ -4,6 +4,11 @@ Protocol (JSON lines): after its imports it writes ``{"ready": true}``; then for
 ``{"gold": str, "answer": str}`` read on stdin it writes ``{"equal": bool}`` or
 ``{"error": str}``. The parent enforces the wall-clock limit by killing this process, so
 math-verify's own signal-based timeouts are disabled here (``timeout_seconds=None``).
+
+Only protocol lines reach the parent: they go to a private copy of the original stdout, and
+``sys.stdout`` (and file descriptor 1) point at stderr, so a library that prints (sympy, the
+LaTeX parser, a warning hook) cannot corrupt the stream. The parent still treats any line that
+is not a protocol reply as a failed check and replaces the worker.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ _MEMORY_BYTES = 4 << 30
 
 def _limit_memory() -> None:
     try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = _MEMORY_BYTES if hard == resource.RLIM_INFINITY else min(_MEMORY_BYTES, hard)
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     except (ValueError, OSError):
@@ -58,12 +63,21 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _protocol_stream():
+    """A private text stream on the original stdout; fd 1 and ``sys.stdout`` then go to stderr."""
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
 def main() -> int:
+    out = _protocol_stream()
     _exit_with_parent()
     logging.disable(logging.WARNING)  # math-verify warns that its timeout is disabled
     _limit_memory()
     check("1", "1")  # warm the parser caches before declaring readiness
-    out = sys.stdout
     out.write('{"ready": true}\n')
     out.flush()
     for line in sys.stdin:

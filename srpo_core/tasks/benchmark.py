@@ -1,8 +1,9 @@
 """Every registry benchmark as a training/evaluation :class:`~srpo_core.tasks.Task`.
 
-Importing this module registers one task per benchmark of :mod:`srpo_core.benchmarks` into
-``srpo_core.tasks.TASKS`` under the benchmark's name (``get_task("commonsenseqa")`` imports it on
-a miss), so ``eval.benchmarks`` and ``data.task`` can name any benchmark.
+:func:`register_all` adds one task per benchmark of :mod:`srpo_core.benchmarks` to a task
+registry under the benchmark's name (``srpo_core.tasks.get_task`` calls it on a miss), so
+``eval.benchmarks`` and ``data.task`` can name any benchmark. The dependency runs one way:
+this module imports :mod:`srpo_core.benchmarks`, which never imports :mod:`srpo_core.tasks`.
 
 Splits
     ``test``: the benchmark's evaluation set (``Benchmark.load_eval``: the seeded sample of
@@ -32,15 +33,19 @@ Malformed rows and sources (explicit, never silently wrong)
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
+from collections.abc import Callable, MutableMapping
 
 from srpo_core.benchmarks import BENCHMARKS, Benchmark, BenchmarkDataWarning, get_benchmark, sample_items
-from srpo_core.benchmarks.registry import ON_ERROR, SOURCES
-from srpo_core.tasks import TASKS, TaskItem
+from srpo_core.benchmarks.registry import ENV_BENCHMARK_SOURCE, ON_ERROR, SOURCES
+from srpo_core.tasks.base import Task, TaskItem
+
+log = logging.getLogger(__name__)
 
 ENV_ON_ERROR = "SRPO_BENCHMARK_ON_ERROR"
-ENV_SOURCE = "SRPO_BENCHMARK_SOURCE"
+ENV_SOURCE = ENV_BENCHMARK_SOURCE
 # Benchmarks whose problems are also trained on with a test-case split (reward = train cases).
 TEST_CASE_SPLIT = ("livecodebench_medium",)
 SPLITS = ("train", "test")
@@ -62,6 +67,7 @@ class BenchmarkTask:
             raise ValueError(f"{name}: source must be one of {SOURCES}, got {self.source!r} (${ENV_SOURCE})")
         self.path = path
         self.skipped_rows = 0
+        self._sample_noted = False
 
     @property
     def has_train_split(self) -> bool:
@@ -102,10 +108,22 @@ class BenchmarkTask:
                 f"benchmark {self.name!r} has no train split (train on numinamath_olympiads, "
                 f"{', '.join(TEST_CASE_SPLIT)} or the synthetic task)"
             )
+        if len(chosen) < n:
+            self._note_packaged_sample(len(chosen), n)
         return [
             TaskItem(it.id, self.benchmark.format_prompt(it), it.gold, meta={"item": it, "split": split, "benchmark": self.name})
             for it in chosen
         ]
+
+    def _note_packaged_sample(self, got: int, asked: int) -> None:
+        """Say once that a short item list comes from the few rows shipped in the package."""
+        if self._sample_noted or self.path is not None or self.source != "local" or not self.benchmark.is_packaged_sample():
+            return
+        self._sample_noted = True
+        log.warning(
+            "%s: %d of %d items asked: only the packaged sample is here (a few rows, not the benchmark); "
+            "set SRPO_BENCHMARK_DIR to the full files or %s=hub", self.name, got, asked, ENV_SOURCE,
+        )
 
     def verdict(self, item: TaskItem, response: str):
         bench_item = item.meta.get("item")
@@ -121,11 +139,8 @@ class BenchmarkTask:
         return None
 
 
-def register_all() -> None:
-    """Register a task factory per registry benchmark (existing task names are left alone)."""
+def register_all(tasks: MutableMapping[str, Callable[..., Task]]) -> None:
+    """Add a task factory per registry benchmark to ``tasks`` (existing names are left alone)."""
     for name in BENCHMARKS:
-        if name not in TASKS:
-            TASKS[name] = functools.partial(BenchmarkTask, name)
-
-
-register_all()
+        if name not in tasks:
+            tasks[name] = functools.partial(BenchmarkTask, name)
