@@ -14,7 +14,11 @@ from the batch when enough of them accumulate.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import struct
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,26 +33,76 @@ def _cache_of(out):
     return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) and a 32-bit constant c, without int64 overflow
+    (the 16-bit halves of c keep every product below 2^49)."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons): a bijective, well-avalanching 32-bit integer hash, on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def chain_uniforms(key_hi: torch.Tensor, key_lo: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """The uniform in [0, 1) that draws token number `counter` of each chain: a counter-based
+    generator keyed by the chain (two 32-bit words), so a chain's draws do not depend on which
+    other rows share its batch or in which order they were admitted. [A] int64 x3 -> [A] float64
+    with 53 random bits."""
+    base = (counter * 2) & M32
+    a = _mix32(_mix32(base ^ key_lo) ^ key_hi)
+    b = _mix32(_mix32((base + 1) ^ key_lo) ^ _mix32(key_hi ^ 0x9E3779B9))
+    return ((a >> 5) * 67108864 + (b >> 6)).double() / 2.0**53
+
+
+def chain_key(seed: int, context: tuple[int, ...], salt: int, chain: int) -> tuple[int, int]:
+    """The RNG key of one chain: (sampling seed, the context it continues, a salt, its index among
+    the chains drawn from that context) -> two 32-bit words. Stable across processes (blake2b)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack("<qqqq", seed, salt, chain, len(context)))
+    h.update(struct.pack(f"<{len(context)}q", *context))
+    v = int.from_bytes(h.digest(), "little")
+    return v >> 32, v & M32
+
+
+def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    masked = scaled
+    if top_k > 0:
+        kth = torch.topk(masked, min(top_k, masked.shape[-1]), dim=-1).values[:, -1:]
+        masked = masked.masked_fill(masked < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(masked, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        masked = torch.full_like(masked, float("-inf")).scatter(-1, order, sorted_logits)
+    return masked
+
+
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens and their log-probs at the sampling temperature (before top-p/top-k truncation,
-    which is what the learner recomputes). logits: [A, V] -> ([A], [A])."""
+    which is what the learner recomputes). Inverse-CDF sampling with one given uniform per row, so
+    each row's draw is a function of its own logits and uniform only. logits: [A, V], uniforms:
+    [A] float64 in [0, 1) -> ([A], [A])."""
     logits = logits.float()
     if sampling.temperature <= 0:
         tok = logits.argmax(-1)
         return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
     scaled = logits / sampling.temperature
     logp = F.log_softmax(scaled, -1)  # [A, V]
-    masked = scaled
-    if sampling.top_k > 0:
-        kth = torch.topk(masked, min(sampling.top_k, masked.shape[-1]), dim=-1).values[:, -1:]
-        masked = masked.masked_fill(masked < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(masked, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > sampling.top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        masked = torch.full_like(masked, float("-inf")).scatter(-1, order, sorted_logits)
-    tok = torch.multinomial(masked.softmax(-1), 1, generator=generator)[:, 0]
+    probs = _truncate(scaled, sampling.top_k, sampling.top_p).softmax(-1).double()  # [A, V]
+    cdf = probs.cumsum(-1)  # [A, V], float64: a cumulative sum over V terms loses ~V * 2^-53
+    tok = torch.searchsorted(cdf, (uniforms.to(cdf.device) * cdf[:, -1])[:, None], right=True)[:, 0]
+    # u * total can round up to total: fall back to the last token with mass (never a masked one)
+    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), 0).amax(-1)
+    tok = torch.minimum(tok, last)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
@@ -87,6 +141,341 @@ class _Chains:
         self.spans[row].append((self.thought_start[row], end))
         self.thought_start[row] = end
         self.finish[row] = "answer" if BOXED in text else self._pre_thought_check(row, end)
+
+
+# ---- the continuous batch ----------------------------------------------------------------------
+
+
+def _cache_layers(cache) -> list:
+    """The per-layer key/value holders of a transformers DynamicCache of full-attention layers (the
+    only kind rows can join and leave: a sliding-window or static layer has a fixed geometry)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
+        raise NotImplementedError(f"continuous batching joins rows into a DynamicCache of full-attention layers; this model's cache has {kinds}: use rollout.scheduler: batched")
+    return layers
+
+
+def _cache_pad_left(cache, n: int) -> None:
+    """n empty (masked) positions in front of every row's keys and values: [B, H, S, D] -> [B, H, n + S, D]."""
+    if n > 0:
+        for layer in _cache_layers(cache):
+            layer.keys, layer.values = F.pad(layer.keys, (0, 0, n, 0)), F.pad(layer.values, (0, 0, n, 0))
+
+
+def _cache_trim_left(cache, n: int) -> None:
+    """Drop the first n positions (masked for every row)."""
+    if n > 0:
+        for layer in _cache_layers(cache):
+            layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
+
+
+def _cache_cat(cache, other) -> None:
+    """Append other's rows (same sequence length) to cache's."""
+    for layer, more in zip(_cache_layers(cache), _cache_layers(other)):
+        layer.keys, layer.values = torch.cat([layer.keys, more.keys]), torch.cat([layer.values, more.values])
+
+
+@dataclass
+class _Req:
+    """One request of a handle: `n` rows continuing one context."""
+
+    handle: "DecodeHandle"
+    context: list[int]  # prompt + prefix
+    prefix: list[int]
+    n: int
+    limits: ThoughtLimits
+    sampling: SamplingParams
+    keys: list[tuple[int, int]]
+    chains: "_Chains"
+    generated: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
+    open_rows: int = 0
+
+
+@dataclass
+class DecodeHandle:
+    """What one submission asked (`items`: ThoughtRequests or prompts) and, once `done`, its
+    `result` in item order (list[list[Rollout]] or list[Completion])."""
+
+    kind: str  # "thoughts" | "complete"
+    items: list
+    reqs: list[_Req] = field(default_factory=list)
+    open: int = 0
+    result: list | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+class ContinuousBatch:
+    """One KV-cached decode batch that requests join and leave while it runs.
+
+    `submit_thoughts` / `submit_complete` queue a request set and return its DecodeHandle; each
+    `step()` first admits queued requests while the batch has room (`max_rows` rows; a request
+    larger than that runs alone): their contexts are prefilled together, once per context, the KV
+    cache expanded to the request's `n` rows and joined to the running rows (left-padded to a common
+    width); then every row samples one token, thought ends and chain ends are applied, finished
+    rows leave the batch (pruned when enough of them accumulate, or at once when requests wait), and
+    the remaining rows run one forward step. `step()` returns the handles that finished in it.
+
+    Randomness is per chain: chain j drawn from context c with sampling seed s in a submission
+    salted `salt` draws its t-th token from `chain_uniforms(chain_key(s, c, salt, j'), t)`, where
+    j' counts the chains of earlier requests of the same submission with the same context (so
+    equal contexts in one call still get independent chains). A chain's tokens are therefore a
+    function of its logits alone, whatever the batch composition, admission order or capacity.
+    """
+
+    def __init__(self, engine: "HFEngine", max_rows: int | None = None):
+        self.engine = engine
+        self.max_rows = max_rows or engine.max_batch_rows
+        self.queue: deque[_Req] = deque()
+        self.slots: list[tuple[_Req, int]] = []  # batch position -> (request, row within it)
+        self.cache = None
+        self.finished: list[DecodeHandle] = []
+        self.stats = {"decode_steps": 0, "row_steps": 0, "prefills": 0}
+        self._stops: dict[str, int] = {}
+        self._stop_table: torch.Tensor | None = None  # [S, V] tokens that may end each stop string
+        self._groups: dict[tuple, int] = {}  # (temperature, top_p, top_k) -> sampling group
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---- submissions ---------------------------------------------------------------------------
+    def _request(self, handle: DecodeHandle, context: list[int], prefix: list[int], spans: list, n: int, limits: ThoughtLimits, sampling: SamplingParams, salt: int, seen: dict) -> None:
+        ctx = tuple(context)
+        first = seen.get(ctx, 0)
+        seen[ctx] = first + n
+        chains = _Chains(self.engine, limits, [len(context)] * n, [list(prefix) for _ in range(n)], [list(spans) for _ in range(n)])
+        keys = [chain_key(sampling.seed, ctx, salt, first + j) for j in range(n)]
+        req = _Req(handle, list(context), list(prefix), n, limits, sampling, keys, chains, [[] for _ in range(n)], [[] for _ in range(n)])
+        req.open_rows = sum(f is None for f in chains.finish)
+        handle.reqs.append(req)
+        if req.open_rows:
+            handle.open += 1
+            self.queue.append(req)
+
+    def submit_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams, salt: int = 0) -> DecodeHandle:
+        handle, seen = DecodeHandle("thoughts", list(requests)), {}
+        for r in requests:
+            self._request(handle, list(r.prompt_ids) + list(r.prefix_ids), list(r.prefix_ids), list(r.prefix_spans), r.n, limits, sampling, salt, seen)
+        self._maybe_close(handle)
+        return handle
+
+    def submit_complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams, salt: int = 0) -> DecodeHandle:
+        limits = ThoughtLimits(stop="", max_thoughts=1, max_thought_tokens=max_tokens, max_response_tokens=max_tokens, max_model_len=10**9)
+        handle, seen = DecodeHandle("complete", [list(p) for p in prompts]), {}
+        for p in prompts:
+            self._request(handle, list(p), [], [], 1, limits, sampling, salt, seen)
+        self._maybe_close(handle)
+        return handle
+
+    def _maybe_close(self, handle: DecodeHandle) -> None:
+        if handle.open or handle.done:
+            return
+        eng = self.engine
+        if handle.kind == "thoughts":
+            handle.result = [[eng._rollout(item, req.generated[j], req.logprobs[j], req.chains.spans[j], req.chains.finish[j]) for j in range(req.n)] for item, req in zip(handle.items, handle.reqs)]
+        else:
+            handle.result = [
+                Completion(ids=r.generated[0], text=eng.decode(r.generated[0]), logprobs=r.logprobs[0], finish_reason="eos" if r.chains.finish[0] == "eos" else "length", adapter_version=eng.adapter_version)
+                for r in handle.reqs
+            ]
+        self.finished.append(handle)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.slots or self.queue)
+
+    def run(self, handles: list[DecodeHandle]) -> None:
+        """Step until every handle is done."""
+        while not all(h.done for h in handles):
+            if not self.busy:
+                raise RuntimeError("continuous batch: handles still open with nothing queued or decoding")
+            self.step()
+
+    # ---- per-row tables --------------------------------------------------------------------------
+    def _stop_slot(self, stop: str) -> int:
+        if stop not in self._stops:
+            _, candidates = self.engine._stop_info(stop)
+            self._stops[stop] = len(self._stops)
+            table = candidates[None]
+            self._stop_table = table if self._stop_table is None else torch.cat([self._stop_table, table])
+        return self._stops[stop]
+
+    def _group(self, s: SamplingParams) -> int:
+        return self._groups.setdefault((s.temperature, s.top_p, s.top_k), len(self._groups))
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Move buffered tokens into the rows' python lists (one transfer for many steps)."""
+        if not self._buffer:
+            return
+        toks = torch.stack([t for t, _ in self._buffer], 1).tolist()
+        lps = torch.stack([lp for _, lp in self._buffer], 1).tolist()
+        for b, (req, row) in enumerate(self.slots):
+            if req.chains.finish[row] is None:
+                req.generated[row].extend(toks[b])
+                req.logprobs[row].extend(lps[b])
+        self._buffer.clear()
+
+    @torch.no_grad()
+    def _admit(self) -> None:
+        rows, admitted = len(self.slots), []
+        while self.queue and (rows + self.queue[0].open_rows <= self.max_rows or rows == 0):
+            req = self.queue.popleft()
+            admitted.append(req)
+            rows += req.open_rows
+        if not admitted:
+            return
+        self._flush()
+        eng, device = self.engine, self.engine.device
+        width = max(len(r.context) for r in admitted)
+        ids = torch.full((len(admitted), width), eng.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(admitted), width), dtype=torch.long)
+        for j, r in enumerate(admitted):
+            ids[j, width - len(r.context):] = torch.tensor(r.context)
+            attn[j, width - len(r.context):] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = eng.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, logits = _cache_of(out), out.logits[:, -1, :]
+        del out
+        self.stats["prefills"] += 1
+        new_slots = [(r, j) for r in admitted for j in range(r.n) if r.chains.finish[j] is None]
+        expand = torch.tensor([k for k, r in enumerate(admitted) for j in range(r.n) if r.chains.finish[j] is None], device=device)
+        cache.batch_select_indices(expand)
+        logits, attn = logits[expand], attn[expand]
+        fields = {
+            "next_pos": attn.sum(-1),
+            "tok_in_thought": torch.zeros(len(new_slots), dtype=torch.long, device=device),
+            "counter": torch.zeros(len(new_slots), dtype=torch.long, device=device),
+            "key_hi": torch.tensor([r.keys[j][0] for r, j in new_slots], dtype=torch.long, device=device),
+            "key_lo": torch.tensor([r.keys[j][1] for r, j in new_slots], dtype=torch.long, device=device),
+            "max_tt": torch.tensor([r.limits.max_thought_tokens for r, _ in new_slots], device=device),
+            "stop": torch.tensor([self._stop_slot(r.limits.stop) for r, _ in new_slots], device=device),
+            "group": torch.tensor([self._group(r.sampling) for r, _ in new_slots], device=device),
+            "done": torch.zeros(len(new_slots), dtype=torch.bool, device=device),
+        }
+        if self.cache is None:
+            self.cache, self.attn, self.logits, self.f = cache, attn, logits, fields
+        else:  # join: left-pad the narrower side to a common width, then append the new rows
+            old_w, new_w = self.attn.shape[1], attn.shape[1]
+            _cache_pad_left(self.cache, new_w - old_w)
+            _cache_pad_left(cache, old_w - new_w)
+            _cache_cat(self.cache, cache)
+            self.attn = torch.cat([F.pad(self.attn, (max(0, new_w - old_w), 0)), F.pad(attn, (max(0, old_w - new_w), 0))])
+            self.logits = torch.cat([self.logits, logits])
+            self.f = {k: torch.cat([self.f[k], v]) for k, v in fields.items()}
+        self.slots += new_slots
+
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.f
+        u = chain_uniforms(f["key_hi"], f["key_lo"], f["counter"])
+        groups = list(self._groups.items())
+        if len(groups) == 1:
+            (t, p, k), _ = groups[0]
+            return sample_tokens(self.logits, SamplingParams(t, p, k), u)
+        tok = torch.zeros(len(self.slots), dtype=torch.long, device=self.logits.device)
+        lp = torch.zeros(len(self.slots), dtype=torch.float32, device=self.logits.device)
+        for (t, p, k), g in groups:
+            idx = (f["group"] == g).nonzero()[:, 0]
+            if len(idx):
+                tok[idx], lp[idx] = sample_tokens(self.logits[idx], SamplingParams(t, p, k), u[idx])
+        return tok, lp
+
+    def _row_event(self, b: int, eos: bool, stop_tok: bool, count: int) -> tuple[bool, bool]:
+        """Apply a thought or chain end to batch row b: (thought restarted, row finished)."""
+        req, row = self.slots[b]
+        chains, gen, lim = req.chains, req.generated[row], req.limits
+        restart = False
+        if eos:
+            gen.pop(), req.logprobs[row].pop()  # the EOS token is not part of the response
+            end = len(chains.prefixes[row]) + len(gen)
+            if end > chains.thought_start[row]:
+                chains.spans[row].append((chains.thought_start[row], end))
+            chains.finish[row] = "eos"
+        else:
+            stop_single, _ = self.engine._stop_info(lim.stop)
+            end = len(chains.prefixes[row]) + len(gen)
+            text = None if not stop_tok or stop_single is not None else chains.thought_text(row, gen, end)
+            if (stop_tok and (text is None or lim.stop in text)) or count >= lim.max_thought_tokens:
+                chains.end_thought(row, gen, end, text)
+                restart = True
+        if chains.finish[row] is None:
+            return restart, False
+        req.open_rows -= 1
+        if req.open_rows == 0:
+            req.handle.open -= 1
+            self._maybe_close(req.handle)
+        return restart, True
+
+    @torch.no_grad()
+    def step(self) -> list[DecodeHandle]:
+        """Admit what fits, sample one token for every row, apply thought and chain ends, drop
+        finished rows, run one forward step. Returns the handles that finished."""
+        self._admit()
+        if self.slots:
+            self._decode_one()
+        out, self.finished = self.finished, []
+        return out
+
+    def _decode_one(self) -> None:
+        eng, f = self.engine, self.f
+        tok, lp = self._sample()  # [A], [A]
+        done = f["done"]
+        tok = torch.where(done, torch.full_like(tok, eng.pad_id), tok)
+        self._buffer.append((tok, lp))
+        f["counter"] += 1
+        f["tok_in_thought"] += 1
+        is_eos = (tok == eng.eos_id) & ~done
+        maybe_end = self._stop_table[f["stop"], tok]
+        events = (is_eos | maybe_end | (f["tok_in_thought"] >= f["max_tt"])) & ~done
+        self.stats["decode_steps"] += 1
+        self.stats["row_steps"] += len(self.slots)
+        if bool(events.any()):
+            self._flush()
+            ev = events.nonzero()[:, 0]
+            restart, finished = [], []
+            # one device-to-host copy per field for all event rows, not one per row and field
+            for b, eos, stop_tok, count in zip(ev.tolist(), is_eos[ev].tolist(), maybe_end[ev].tolist(), f["tok_in_thought"][ev].tolist()):
+                r, fin = self._row_event(b, eos, stop_tok, count)
+                if r:
+                    restart.append(b)
+                if fin:
+                    finished.append(b)
+            if restart:
+                f["tok_in_thought"][restart] = 0
+            if finished:
+                done[finished] = True
+            n_done = int(done.sum())
+            if n_done == len(self.slots):
+                self._buffer.clear()
+                self.slots, self.cache, self.attn, self.logits, self.f = [], None, None, None, None
+                return
+            if n_done >= max(1, int(eng.prune_fraction * len(self.slots))) or (n_done and self.queue):
+                tok = self._prune(done, tok)
+        if len(self._buffer) >= 64:
+            self._flush()
+        f = self.f
+        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
+        out = eng.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=f["next_pos"][:, None], use_cache=True, **{eng._cache_kw: self.cache})
+        self.cache, self.logits = _cache_of(out), out.logits[:, -1, :]
+        f["next_pos"] += 1
+
+    def _prune(self, done: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """Drop finished rows, and the leading positions no remaining row attends to."""
+        self._flush()
+        keep = (~done).nonzero()[:, 0]
+        self.cache.batch_select_indices(keep)
+        self.attn, self.logits = self.attn[keep], self.logits[keep]
+        self.f = {k: v[keep] for k, v in self.f.items()}
+        keep_list = keep.tolist()
+        self.slots = [self.slots[b] for b in keep_list]
+        first = int(self.attn.any(0).int().argmax())
+        if first > 0:
+            _cache_trim_left(self.cache, first)
+            self.attn = self.attn[:, first:]
+        return tok[keep]
 
 
 class HFEngine(RolloutEngine):
@@ -139,122 +528,10 @@ class HFEngine(RolloutEngine):
             self._stop_cache[stop] = (single, candidates.to(self.device))
         return self._stop_cache[stop]
 
-    # ---- the decode loop ---------------------------------------------------------------------
-    @torch.no_grad()
-    def _decode(self, contexts: list[list[int]], repeats: list[int], prefixes: list[list[int]], prefix_spans: list[list[tuple[int, int]]], limits: ThoughtLimits, sampling: SamplingParams, generator: torch.Generator | None) -> list[tuple[list[int], list[float], list[tuple[int, int]], str]]:
-        """Decode `repeats[i]` continuations of each context. Returns per row (row order =
-        contexts expanded by repeats): (generated ids, logprobs, spans, finish reason)."""
-        device = self.device
-        rows_ctx = [i for i, r in enumerate(repeats) for _ in range(r)]
-        chains = _Chains(self, limits, [len(contexts[i]) for i in rows_ctx], [list(prefixes[i]) for i in rows_ctx], [list(prefix_spans[i]) for i in rows_ctx])
-        n_rows = len(rows_ctx)
-        generated: list[list[int]] = [[] for _ in range(n_rows)]
-        logprobs: list[list[float]] = [[] for _ in range(n_rows)]
-        final_len = [0] * n_rows
-        live_ctx = sorted({rows_ctx[r] for r in range(n_rows) if chains.finish[r] is None})
-        if not live_ctx:
-            return [(generated[r], logprobs[r], chains.spans[r], chains.finish[r]) for r in range(n_rows)]
-
-        # prefill each distinct live context once (left padded)
-        width = max(len(contexts[i]) for i in live_ctx)
-        ids = torch.full((len(live_ctx), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(live_ctx), width), dtype=torch.long)
-        for j, i in enumerate(live_ctx):
-            ids[j, width - len(contexts[i]):] = torch.tensor(contexts[i])
-            attn[j, width - len(contexts[i]):] = 1
-        ids, attn = ids.to(device), attn.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, last_logits = _cache_of(out), out.logits[:, -1, :]
-        del out
-
-        # expand to rows (only live rows enter the batch)
-        slot = {i: j for j, i in enumerate(live_ctx)}
-        active_rows = [r for r in range(n_rows) if chains.finish[r] is None]
-        expand = torch.tensor([slot[rows_ctx[r]] for r in active_rows], device=device)
-        cache.batch_select_indices(expand)
-        last_logits, attn = last_logits[expand], attn[expand]
-        next_pos = attn.sum(-1)  # [A]: position id of the next token
-        active = torch.tensor(active_rows, device=device)  # batch slot -> row id
-        done = torch.zeros(len(active_rows), dtype=torch.bool, device=device)
-        tok_in_thought = torch.tensor([0] * len(active_rows), device=device)
-        stop_single, stop_candidates = self._stop_info(limits.stop)
-        step_tokens: list[torch.Tensor] = []
-        step_logps: list[torch.Tensor] = []
-        step_rows: list[torch.Tensor] = []
-
-        def flush():
-            # move buffered tokens into python lists (one transfer for many steps)
-            if not step_tokens:
-                return
-            toks = torch.stack(step_tokens, 1).tolist()
-            lps = torch.stack(step_logps, 1).tolist()
-            rws = step_rows[0].tolist()
-            for b, row in enumerate(rws):
-                generated[row].extend(toks[b])
-                logprobs[row].extend(lps[b])
-            step_tokens.clear(), step_logps.clear(), step_rows.clear()
-
-        while True:
-            tok, lp = sample_tokens(last_logits, sampling, generator)  # [A], [A]
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            step_tokens.append(tok), step_logps.append(lp), step_rows.append(active)
-            tok_in_thought += 1
-            is_eos = (tok == self.eos_id) & ~done
-            if stop_single is not None:
-                maybe_end = tok == stop_single
-            else:
-                maybe_end = stop_candidates[tok]
-            events = (is_eos | maybe_end | (tok_in_thought >= limits.max_thought_tokens)) & ~done
-            if bool(events.any()):
-                flush()
-                ev = events.nonzero()[:, 0]
-                # one device-to-host copy per field for all event rows, not one per row and field
-                fields = zip(ev.tolist(), active[ev].tolist(), is_eos[ev].tolist(), maybe_end[ev].tolist(), tok_in_thought[ev].tolist())
-                restart, finished = [], []
-                for b, row, eos, stop_tok, count in fields:
-                    if eos:
-                        generated[row].pop(), logprobs[row].pop()  # the EOS token is not part of the response
-                        end = len(chains.prefixes[row]) + len(generated[row])
-                        if end > chains.thought_start[row]:
-                            chains.spans[row].append((chains.thought_start[row], end))
-                        chains.finish[row] = "eos"
-                    else:
-                        end = len(chains.prefixes[row]) + len(generated[row])
-                        text = None if not stop_tok or stop_single is not None else chains.thought_text(row, generated[row], end)
-                        is_stop = stop_tok and (text is None or limits.stop in text)
-                        if is_stop or count >= limits.max_thought_tokens:
-                            chains.end_thought(row, generated[row], end, text)
-                            restart.append(b)
-                    if chains.finish[row] is not None:
-                        final_len[row] = len(generated[row])
-                        finished.append(b)
-                if restart:
-                    tok_in_thought[restart] = 0
-                if finished:
-                    done[finished] = True
-                if bool(done.all()):
-                    break
-                n_done = int(done.sum())
-                if n_done >= max(1, int(self.prune_fraction * len(active))):
-                    keep = (~done).nonzero()[:, 0]
-                    cache.batch_select_indices(keep)
-                    attn, next_pos, tok, active, tok_in_thought = attn[keep], next_pos[keep], tok[keep], active[keep], tok_in_thought[keep]
-                    done = done[keep]
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], use_cache=True, **{self._cache_kw: cache})
-            cache, last_logits = _cache_of(out), out.logits[:, -1, :]
-            next_pos = next_pos + 1
-            if len(step_tokens) >= 64:
-                flush()
-        flush()
-        # a finished row stays in the batch until pruned: drop what it sampled after finishing
-        return [(generated[r][: final_len[r]], logprobs[r][: final_len[r]], chains.spans[r], chains.finish[r]) for r in range(n_rows)]
-
-    def _generator(self, seed: int) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed)
-        return gen
+    # ---- sampling -----------------------------------------------------------------------------
+    def continuous_batch(self, max_rows: int | None = None) -> ContinuousBatch:
+        """A decode batch that requests join and leave while it runs (srpo_core/scheduler.py)."""
+        return ContinuousBatch(self, max_rows)
 
     def _chunks(self, requests: list, weight) -> list[list[int]]:
         chunks, cur, size = [], [], 0
@@ -275,27 +552,16 @@ class HFEngine(RolloutEngine):
         return Rollout(prompt_ids=list(req.prompt_ids), response_ids=response, prefix_len=len(req.prefix_ids), spans=[tuple(s) for s in spans], logprobs=lps, thoughts=thoughts, text=self.decode(response), finish_reason=finish, adapter_version=self.adapter_version)
 
     def generate_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams) -> list[list[Rollout]]:
-        gen = self._generator(sampling.seed)
-        out: list[list[Rollout]] = [[] for _ in requests]
-        for chunk in self._chunks(requests, lambda r: r.n):
-            reqs = [requests[i] for i in chunk]
-            rows = self._decode([list(r.prompt_ids) + list(r.prefix_ids) for r in reqs], [r.n for r in reqs], [list(r.prefix_ids) for r in reqs], [list(r.prefix_spans) for r in reqs], limits, sampling, gen)
-            k = 0
-            for i, req in zip(chunk, reqs):
-                for _ in range(req.n):
-                    out[i].append(self._rollout(req, *rows[k]))
-                    k += 1
-        return out
+        batch = self.continuous_batch()
+        handle = batch.submit_thoughts(requests, limits, sampling)
+        batch.run([handle])
+        return handle.result
 
     def complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams) -> list[Completion]:
-        limits = ThoughtLimits(stop="", max_thoughts=1, max_thought_tokens=max_tokens, max_response_tokens=max_tokens, max_model_len=10**9)
-        gen = self._generator(sampling.seed)
-        out: list[Completion] = []
-        for chunk in self._chunks(prompts, lambda p: 1):
-            ps = [prompts[i] for i in chunk]
-            for ids, lps, _, finish in self._decode(ps, [1] * len(ps), [[] for _ in ps], [[] for _ in ps], limits, sampling, gen):
-                out.append(Completion(ids=ids, text=self.decode(ids), logprobs=lps, finish_reason="length" if finish != "eos" else "eos", adapter_version=self.adapter_version))
-        return out
+        batch = self.continuous_batch()
+        handle = batch.submit_complete(prompts, max_tokens, sampling)
+        batch.run([handle])
+        return handle.result
 
     @torch.no_grad()
     def teacher_force(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[TokenScores]:
