@@ -69,6 +69,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = no top-k
     stop: str = "</thought>"
     engine: str = "hf"  # "hf" | "vllm"
+    scheduler: str = "auto"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py) | auto (events where the engine has a continuous batch)
     server_url: str = ""  # "": each phase step loads the model; "auto": the training starts a local server per epoch step; else the URL of a running server
 
     def __post_init__(self):
@@ -80,6 +81,8 @@ class RolloutConfig:
         _require(self.top_k >= 0, "rollout.top_k", "must be >= 0")
         _require(bool(self.stop), "rollout.stop", "must be a non-empty stop string")
         _require(self.engine in ("hf", "vllm"), "rollout.engine", "hf|vllm")
+        _require(self.scheduler in ("auto", "batched", "events"), "rollout.scheduler", "auto|batched|events")
+        _require(self.scheduler != "events" or self.engine == "hf", "rollout.scheduler", "events needs rollout.engine hf (the continuous batch); use auto or batched")
         _require(self.server_url in ("", "auto") or self.server_url.startswith(("http://", "https://")), "rollout.server_url", "empty, 'auto' or an http(s):// URL")
 
 

@@ -86,12 +86,27 @@ def finish(cfg: Config, task: Task, shards: list[Shard]) -> StepResult:
     return StepResult(records, M.step_metrics(records, states, task, timings, cfg.method.resolved_localizer), timings)
 
 
+def scheduled_by_events(cfg: Config, engine: RolloutEngine) -> bool:
+    """Whether an in-memory step runs the method's event-driven path (`rollout.scheduler`; auto:
+    where the method has one and the engine has a continuous batch)."""
+    from srpo_core.scheduler import supports_events
+
+    has_path = callable(getattr(cfg.method.spec, "run_events", None))
+    if cfg.rollout.scheduler == "events" and not supports_events(engine):
+        raise ValueError(f"rollout.scheduler: events needs an engine with a continuous batch (the HF engine); {type(engine).__name__} has none")
+    return has_path and (cfg.rollout.scheduler == "events" or (cfg.rollout.scheduler == "auto" and supports_events(engine)))
+
+
 def run_rollout_phases(engine: RolloutEngine, task: Task, cfg: Config, items: list[TaskItem], step: int) -> StepResult:
-    """Everything of a step but the update, in memory: every phase on one shard, then `finish`."""
+    """Everything of a step but the update, in memory: every phase on one shard (or the method's
+    event-driven path, see `scheduled_by_events`), then `finish`."""
     ctx = PhaseContext(cfg, task, step, 0, engine)
     shard = start(ctx, items)
-    for phase in PHASES:
-        run_phase(phase, ctx, shard)
+    if scheduled_by_events(cfg, engine):
+        cfg.method.spec.run_events(ctx, shard)
+    else:
+        for phase in PHASES:
+            run_phase(phase, ctx, shard)
     return finish(cfg, task, [shard])
 
 

@@ -277,7 +277,8 @@ class ContinuousBatch:
             handle.result = [[eng._rollout(item, req.generated[j], req.logprobs[j], req.chains.spans[j], req.chains.finish[j]) for j in range(req.n)] for item, req in zip(handle.items, handle.reqs)]
         else:
             handle.result = [
-                Completion(ids=r.generated[0], text=eng.decode(r.generated[0]), logprobs=r.logprobs[0], finish_reason="eos" if r.chains.finish[0] == "eos" else "length", adapter_version=eng.adapter_version)
+                Completion(ids=r.generated[0], text=eng.decode(r.generated[0]), logprobs=r.logprobs[0], finish_reason="eos" if r.chains.finish[0] == "eos" else "length",
+                           adapter_version=eng.adapter_version)
                 for r in handle.reqs
             ]
         self.finished.append(handle)

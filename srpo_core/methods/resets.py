@@ -6,6 +6,8 @@
                    groups (fill chains sampled, unscored), pick each seed's reset h*
     suffix         sample the G suffixes of each reset prefix x* (prefix encoded once per seed)
     verify_suffix  score fill chains and suffixes; records (base / shared_prefix / fallback / seed)
+    run_events     (in memory, rollout.scheduler events) generate..suffix per prompt on one
+                   continuous batch (srpo_core/scheduler.py), then verify_suffix
 
 The building blocks are srpo_core/rollouts.py's; the localizers are `rollouts.LOCALIZERS`.
 """
@@ -70,6 +72,14 @@ class ResetMethod(Method):
         start = time.perf_counter()
         shard.suffixes = R.sample_suffixes(ctx.policy, R.seed_cases(shard.states), shard.locs, R.SPLITS[ctx.cfg.method.split].suffixes, ctx.limits, ctx.sampling("suffix"))
         shard.timings["suffix"] = shard.timings.get("suffix", 0.0) + time.perf_counter() - start
+
+    def run_events(self, ctx, shard) -> None:
+        """All phases at once, each prompt on its own through them on the engine's continuous
+        batch (`rollout.scheduler: events`, srpo_core/scheduler.py), then `verify_suffix`."""
+        from srpo_core import scheduler
+
+        scheduler.run_reset_step(ctx, shard, seed_search(ctx.cfg))
+        self.verify_suffix(ctx, shard)
 
     def verify_suffix(self, ctx, shard) -> None:
         start = time.perf_counter()
