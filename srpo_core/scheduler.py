@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Generator
 
@@ -46,10 +47,15 @@ from srpo_core.engine.base import SamplingParams, ThoughtLimits, ThoughtRequest
 
 @dataclass(frozen=True)
 class Sample:
+    """Sample chains: the flow gets list[list[Rollout]] once all are done, or (wait=False) the
+    DecodeHandle at once, to `Next` its chains as they finish or `Join` it later."""
+
     requests: list[ThoughtRequest]
     limits: ThoughtLimits
     sampling: SamplingParams
     salt: int = 0
+    seen: dict | None = None  # chain numbering shared across submissions (see ContinuousBatch)
+    wait: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,55 +64,144 @@ class Complete:
     max_tokens: int
     sampling: SamplingParams
     salt: int = 0
+    seen: dict | None = None
+
+
+@dataclass(frozen=True)
+class Next:
+    """Chain j of request i of a handle, as soon as it has finished -> Rollout."""
+
+    handle: object
+    request: int
+    chain: int
+
+
+@dataclass(frozen=True)
+class Join:
+    handle: object  # -> the handle's result
 
 
 @dataclass(frozen=True)
 class Spawn:
-    flow: Generator
+    flow: Generator  # runs alongside; the spawning flow goes on at once
 
 
-Flow = Generator  # yields Sample | Complete | Spawn, receives their results
+@dataclass(frozen=True)
+class Await:
+    future: "Future"  # -> its value
+
+
+class Future:
+    """A value one flow sets (`set`) and others `Await`."""
+
+    def __init__(self, driver: "Driver"):
+        self.driver, self.done, self.value, self.waiters = driver, False, None, []
+
+    def set(self, value) -> None:
+        if self.done:
+            raise RuntimeError("a rollout-scheduler future was set twice")
+        self.done, self.value = True, value
+        self.driver.waiting_future -= len(self.waiters)
+        self.driver.ready.extend((flow, value) for flow in self.waiters)
+        self.waiters.clear()
+
+
+Flow = Generator  # yields the operations above, receives their results
 
 
 def supports_events(engine) -> bool:
     return callable(getattr(engine, "continuous_batch", None))
 
 
-def drive(batch, flows: list[Flow]) -> None:
-    """Run the flows to completion on one continuous batch (see the module docstring)."""
-    waiting: dict[int, tuple[object, Flow]] = {}
+class Driver:
+    """Runs flows on one continuous batch: resumes every flow whose operation is done, then lets
+    the batch take one decode step, until no flow waits (see the module docstring)."""
 
-    def advance(flow: Flow, value) -> None:
+    def __init__(self, batch):
+        self.batch = batch
+        self.ready: deque[tuple[Flow, object]] = deque()
+        self.on_handle: dict[int, list[Flow]] = {}
+        self.on_row: dict[tuple[int, int, int], list[Flow]] = {}
+        self.waiting_batch = 0
+        self.waiting_future = 0
+
+    def future(self) -> Future:
+        return Future(self)
+
+    def start(self, flow: Flow) -> None:
+        self.ready.append((flow, None))
+
+    def _advance(self, flow: Flow, value) -> None:
+        batch = self.batch
         while True:
             try:
                 op = flow.send(value)
             except StopIteration:
                 return
+            value = None
             if isinstance(op, Spawn):
-                advance(op.flow, None)
-                value = None
+                self.ready.append((op.flow, None))
                 continue
+            if isinstance(op, Await):
+                if op.future.done:
+                    value = op.future.value
+                    continue
+                op.future.waiters.append(flow)
+                self.waiting_future += 1
+                return
+            if isinstance(op, Next):
+                if op.handle.row_done(op.request, op.chain):
+                    value = op.handle.row_rollout(batch.engine, op.request, op.chain)
+                    continue
+                self.on_row.setdefault((id(op.handle), op.request, op.chain), []).append(flow)
+                self.waiting_batch += 1
+                return
             if isinstance(op, Sample):
-                handle = batch.submit_thoughts(op.requests, op.limits, op.sampling, op.salt)
+                handle = batch.submit_thoughts(op.requests, op.limits, op.sampling, op.salt, op.seen, stream=not op.wait)
+                if not op.wait:
+                    value = handle
+                    continue
             elif isinstance(op, Complete):
-                handle = batch.submit_complete(op.prompts, op.max_tokens, op.sampling, op.salt)
+                handle = batch.submit_complete(op.prompts, op.max_tokens, op.sampling, op.salt, op.seen)
+            elif isinstance(op, Join):
+                handle = op.handle
             else:
-                raise TypeError(f"a rollout flow yielded {op!r}; expected Sample, Complete or Spawn")
-            if handle.done:  # nothing to decode (every row ended before its first token)
+                raise TypeError(f"a rollout flow yielded {op!r}; expected Sample, Complete, Next, Join, Spawn or Await")
+            if handle.done:
                 value = handle.result
                 continue
-            waiting[id(handle)] = (handle, flow)
+            self.on_handle.setdefault(id(handle), []).append(flow)
+            self.waiting_batch += 1
             return
 
+    def run(self) -> None:
+        batch = self.batch
+        while True:
+            while self.ready:
+                self._advance(*self.ready.popleft())
+            if not self.waiting_batch:
+                break
+            if not batch.busy:
+                raise RuntimeError(f"rollout scheduler: {self.waiting_batch} operations wait on an idle batch")
+            for handle in batch.step():
+                for flow in self.on_handle.pop(id(handle), []):
+                    self.waiting_batch -= 1
+                    self.ready.append((flow, handle.result))
+            for handle, i, j in batch.finished_rows:
+                for flow in self.on_row.pop((id(handle), i, j), []):
+                    self.waiting_batch -= 1
+                    self.ready.append((flow, handle.row_rollout(batch.engine, i, j)))
+            batch.finished_rows.clear()
+        if self.waiting_future:
+            raise RuntimeError(f"rollout scheduler: {self.waiting_future} flows wait on futures nobody sets")
+
+
+def drive(batch, flows: list[Flow]) -> None:
+    """Run the flows to completion on one continuous batch."""
+    driver = Driver(batch)
     for flow in flows:
-        advance(flow, None)
-    while waiting:
-        if not batch.busy:
-            raise RuntimeError(f"rollout scheduler: {len(waiting)} operations wait on an idle batch")
-        for handle in batch.step():
-            entry = waiting.pop(id(handle), None)
-            if entry is not None:
-                advance(entry[1], handle.result)
+        driver.start(flow)
+    driver.run()
 
 
 def occurrence_salts(prompts: list[list[int]]) -> list[int]:
@@ -129,10 +224,10 @@ class _ResetRun:
 
     ctx: object  # shard.PhaseContext
     shard: object  # shard.Shard
+    driver: Driver
     search: R.SeedSearch
     lctx: R.LocalizeContext
     localizer: str
-    n_suffixes: int
     fills: list
     locs: list
     suffixes: list
@@ -140,46 +235,66 @@ class _ResetRun:
     sync_localization: float = 0.0
 
 
-def _fill_flow(run: _ResetRun, i: int, n: int, salt: int) -> Flow:
-    state, ctx = run.shard.states[i], run.ctx
-    (chains,) = yield Sample([ThoughtRequest(tuple(state.prompt_ids), n=n)], ctx.limits, R.round_sampling(ctx.sampling("generate"), R.FILL_ROUND), salt)
-    run.fills[i] = chains  # scored with the suffixes by the method's verify_suffix, as in the batched path
-
-
-def _localize_flow(run: _ResetRun, i: int, cases: list[R.SeedCase], salt: int) -> Flow:
+def _localize_flow(run: _ResetRun, i: int, case: R.SeedCase, salt: int, seen: dict, rng: random.Random) -> Flow:
+    """h* of one seed, with the method's localizer."""
     lctx = run.lctx
-    if run.localizer == "self":  # rollouts.self_localizer, one prompt's seeds at a time
-        texts = [templates.localization_prompt(lctx.template, c.item.question, c.seed.thoughts) for c in cases]
+    if run.localizer == "self":  # rollouts.self_localizer, one seed at a time
         encode = lctx.engine.encode_chat if lctx.use_chat_template else lctx.engine.encode
-        completions = yield Complete([encode(t) for t in texts], lctx.max_tokens, SamplingParams(temperature=lctx.temperature, seed=lctx.seed), salt)
-        return [R.Localization(*R.parse_localization(comp.text, len(c.seed.spans)), len(comp.ids), comp.text) for c, comp in zip(cases, completions)]
+        prompt = encode(templates.localization_prompt(lctx.template, case.item.question, case.seed.thoughts))
+        (comp,) = yield Complete([prompt], lctx.max_tokens, SamplingParams(temperature=lctx.temperature, seed=lctx.seed), salt, seen)
+        return R.Localization(*R.parse_localization(comp.text, len(case.seed.spans)), len(comp.ids), comp.text)
     start = time.perf_counter()
     if run.localizer == "random":  # one RNG per prompt (see the module docstring)
-        rng = random.Random(lctx.seed * 1_000_003 + i)
-        out = [R.Localization(rng.randint(1, len(c.seed.spans)), "random") for c in cases]
+        out = R.Localization(rng.randint(1, len(case.seed.spans)), "random")
     else:  # oracle (pure) and divergence (one teacher-forced pass): run in place
-        out = R.LOCALIZERS[run.localizer](cases, lctx)
+        (out,) = R.LOCALIZERS[run.localizer]([case], lctx)
     run.sync_localization += time.perf_counter() - start
     return out
 
 
+def _reset_flow(run: _ResetRun, i: int, salt: int, seeds: list[Future]) -> Flow:
+    """Each seed of prompt i, in order, as soon as the search names it: localize it, then queue
+    its G suffixes from x*; finally wait for them."""
+    ctx, state = run.ctx, run.shard.states[i]
+    loc_seen, suffix_seen, handles = {}, {}, []
+    rng = random.Random(run.lctx.seed * 1_000_003 + i)
+    for future in seeds:
+        seed = yield Await(future)
+        if seed is None:
+            break
+        case = R.SeedCase(state.item, state.prompt_ids, seed)
+        loc = yield from _localize_flow(run, i, case, salt, loc_seen, rng)
+        run.locs[i].append(loc)
+        handles.append((yield Sample([R.reset_request(case, loc.index, run.search.spec.suffixes)], ctx.limits, ctx.sampling("suffix"), salt, suffix_seen, wait=False)))
+    for handle in handles:
+        (chains,) = yield Join(handle)
+        run.suffixes[i].append(chains)
+
+
 def _prompt_flow(run: _ResetRun, i: int, salt: int) -> Flow:
+    """Prompt i's seed search, chain by chain in sampling order (a seed is handed to the reset flow
+    the moment the chains before it are known correct, while the rest of its round decodes), then
+    its base fill."""
     ctx, search, state = run.ctx, run.search, run.shard.states[i]
+    seeds = [run.driver.future() for _ in range(search.spec.seeds)]
+    yield Spawn(_reset_flow(run, i, salt, seeds))
     generate = ctx.sampling("generate")
     r = 0
     while (n := R.wanted_attempts(state, search.spec, search.budget)) > 0:
-        (chains,) = yield Sample([ThoughtRequest(tuple(state.prompt_ids), n=n)], ctx.limits, R.round_sampling(generate, r), salt)
-        R.absorb(state, R.verify(ctx.task, state.item, chains, run.shard.timings), search.spec, search.incorrect_threshold)
+        handle = yield Sample([ThoughtRequest(tuple(state.prompt_ids), n=n)], ctx.limits, R.round_sampling(generate, r), salt, wait=False)
+        for j in range(n):
+            chain = yield Next(handle, 0, j)
+            found = len(state.seeds)
+            R.absorb(state, R.verify(ctx.task, state.item, [chain], run.shard.timings), search.spec, search.incorrect_threshold)
+            for k in range(found, len(state.seeds)):
+                seeds[k].set(state.seeds[k].rollout)
         r += 1
     run.rounds[i] = r
+    for future in seeds[len(state.seeds):]:
+        future.set(None)
     (fill,) = R.finalize_base([state], search.spec, search.rollouts_per_prompt)
     if fill:
-        yield Spawn(_fill_flow(run, i, fill, salt))
-    cases = [R.SeedCase(state.item, state.prompt_ids, a.rollout) for a in state.seeds]
-    if not cases:
-        return
-    run.locs[i] = yield from _localize_flow(run, i, cases, salt)
-    run.suffixes[i] = yield Sample([R.reset_request(c, loc.index, run.n_suffixes) for c, loc in zip(cases, run.locs[i])], ctx.limits, ctx.sampling("suffix"), salt)
+        (run.fills[i],) = yield Sample([ThoughtRequest(tuple(state.prompt_ids), n=fill)], ctx.limits, R.round_sampling(generate, R.FILL_ROUND), salt)
 
 
 def run_reset_step(ctx, shard, search: R.SeedSearch) -> None:
@@ -193,11 +308,13 @@ def run_reset_step(ctx, shard, search: R.SeedSearch) -> None:
         raise ValueError(f"rollout.scheduler: events needs an engine with a continuous batch (the HF engine); {type(engine).__name__} has none")
     n = len(shard.states)
     lctx = R.LocalizeContext(engine, ctx.task, m.localization_template, m.resolved_localization_temperature, m.localization_max_tokens, cfg.model.chat_template_for_localization, ctx.seed("localize"))
-    run = _ResetRun(ctx, shard, search, lctx, m.resolved_localizer, search.spec.suffixes, [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [0] * n)
-    salts = occurrence_salts([s.prompt_ids for s in shard.states])
+    driver = Driver(engine.continuous_batch())
+    run = _ResetRun(ctx, shard, driver, search, lctx, m.resolved_localizer, [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [0] * n)
+    for i, salt in enumerate(occurrence_salts([s.prompt_ids for s in shard.states])):
+        driver.start(_prompt_flow(run, i, salt))
     verified = shard.timings.get("verification", 0.0)
     start = time.perf_counter()
-    drive(engine.continuous_batch(), [_prompt_flow(run, i, salts[i]) for i in range(n)])
+    driver.run()
     wall = time.perf_counter() - start
     in_flows = shard.timings.get("verification", 0.0) - verified
     shard.timings["generation"] = shard.timings.get("generation", 0.0) + wall - in_flows - run.sync_localization

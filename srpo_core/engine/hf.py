@@ -176,7 +176,7 @@ def _cache_cat(cache, other) -> None:
         layer.keys, layer.values = torch.cat([layer.keys, more.keys]), torch.cat([layer.values, more.values])
 
 
-@dataclass
+@dataclass(eq=False)
 class _Req:
     """One request of a handle: `n` rows continuing one context."""
 
@@ -191,9 +191,10 @@ class _Req:
     generated: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
     open_rows: int = 0
+    index: int = 0  # in its handle
 
 
-@dataclass
+@dataclass(eq=False)
 class DecodeHandle:
     """What one submission asked (`items`: ThoughtRequests or prompts) and, once `done`, its
     `result` in item order (list[list[Rollout]] or list[Completion])."""
@@ -203,67 +204,134 @@ class DecodeHandle:
     reqs: list[_Req] = field(default_factory=list)
     open: int = 0
     result: list | None = None
+    stream: bool = False  # report each finished row (ContinuousBatch.finished_rows)
+
+    def row_done(self, i: int, j: int) -> bool:
+        return self.reqs[i].chains.finish[j] is not None
+
+    def row_rollout(self, engine: "HFEngine", i: int, j: int) -> Rollout:
+        """Chain j of request i once it has finished (before the whole handle is done)."""
+        req = self.reqs[i]
+        return engine._rollout(self.items[i], req.generated[j], req.logprobs[j], req.chains.spans[j], req.chains.finish[j])
 
     @property
     def done(self) -> bool:
         return self.result is not None
 
 
+class _Cohort:
+    """Rows decoded by one forward pass: one KV cache, left-padded to a common width."""
+
+    def __init__(self, cache, attn: torch.Tensor, logits: torch.Tensor, fields: dict, slots: list):
+        self.cache, self.attn, self.logits, self.f, self.slots = cache, attn, logits, fields, slots
+        self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def width(self) -> int:
+        return self.attn.shape[1]
+
+    def absorb(self, other: "_Cohort") -> None:
+        """Append other's rows, left-padding the narrower side to the common width."""
+        old_w, new_w = self.width, other.width
+        _cache_pad_left(self.cache, new_w - old_w)
+        _cache_pad_left(other.cache, old_w - new_w)
+        _cache_cat(self.cache, other.cache)
+        self.attn = torch.cat([F.pad(self.attn, (max(0, new_w - old_w), 0)), F.pad(other.attn, (max(0, old_w - new_w), 0))])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.f = {k: torch.cat([self.f[k], v]) for k, v in other.f.items()}
+        self.slots += other.slots
+
+    def flush(self) -> None:
+        """Move buffered tokens into the rows' python lists (one transfer for many steps)."""
+        if not self.buffer:
+            return
+        toks = torch.stack([t for t, _ in self.buffer], 1).tolist()
+        lps = torch.stack([lp for _, lp in self.buffer], 1).tolist()
+        for b, (req, row) in enumerate(self.slots):
+            if req.chains.finish[row] is None:
+                req.generated[row].extend(toks[b])
+                req.logprobs[row].extend(lps[b])
+        self.buffer.clear()
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep rows `keep`, then drop the leading positions no remaining row attends to."""
+        self.flush()
+        self.cache.batch_select_indices(keep)
+        self.attn, self.logits = self.attn[keep], self.logits[keep]
+        self.f = {k: v[keep] for k, v in self.f.items()}
+        self.slots = [self.slots[b] for b in keep.tolist()]
+        first = int(self.attn.any(0).int().argmax())
+        if first > 0:
+            _cache_trim_left(self.cache, first)
+            self.attn = self.attn[:, first:]
+
+
 class ContinuousBatch:
-    """One KV-cached decode batch that requests join and leave while it runs.
+    """Decode batches that requests join and leave while they run.
 
     `submit_thoughts` / `submit_complete` queue a request set and return its DecodeHandle; each
-    `step()` first admits queued requests while the batch has room (`max_rows` rows; a request
-    larger than that runs alone): their contexts are prefilled together, once per context, the KV
-    cache expanded to the request's `n` rows and joined to the running rows (left-padded to a common
-    width); then every row samples one token, thought ends and chain ends are applied, finished
-    rows leave the batch (pruned when enough of them accumulate, or at once when requests wait), and
-    the remaining rows run one forward step. `step()` returns the handles that finished in it.
+    `step()` first admits queued requests while there is room (`max_rows` rows in all; a request
+    larger than that runs alone): their contexts are prefilled, once per context, and the KV cache
+    expanded to each request's `n` rows; then every row samples one token, thought ends and chain
+    ends are applied, finished rows leave (pruned when enough of them accumulate, or at once when
+    requests wait), and the remaining rows run one forward step. `step()` returns the handles that
+    finished in it.
+
+    Cohorts. A forward pass costs a fixed overhead plus a part proportional to rows x padded
+    width (attention over, and the copy of, the left-padded KV cache). Rows that join late have
+    other context lengths than the running ones, so joining them to one left-padded cache can pad
+    every running row; instead rows live in cohorts, each one cache and one forward per step, and
+    new rows join the cohort where padding costs least, or open a new cohort when every join
+    would pad more than `engine.cohort_cost` row-positions (the fixed cost of one more forward,
+    in row-positions); cohorts merge once the padding of merging falls below that.
 
     Randomness is per chain: chain j drawn from context c with sampling seed s in a submission
     salted `salt` draws its t-th token from `chain_uniforms(chain_key(s, c, salt, j'), t)`, where
-    j' counts the chains of earlier requests of the same submission with the same context (so
-    equal contexts in one call still get independent chains). A chain's tokens are therefore a
-    function of its logits alone, whatever the batch composition, admission order or capacity.
+    j' counts the chains of earlier requests with the same context and seed in the same
+    submission (or in every submission sharing its `seen` counter), so equal contexts still get
+    independent chains. A chain's tokens are therefore a function of its logits alone, whatever
+    the batch composition, cohort, admission order or capacity.
     """
 
     def __init__(self, engine: "HFEngine", max_rows: int | None = None):
         self.engine = engine
         self.max_rows = max_rows or engine.max_batch_rows
         self.queue: deque[_Req] = deque()
-        self.slots: list[tuple[_Req, int]] = []  # batch position -> (request, row within it)
-        self.cache = None
+        self.cohorts: list[_Cohort] = []
         self.finished: list[DecodeHandle] = []
-        self.stats = {"decode_steps": 0, "row_steps": 0, "prefills": 0}
+        self.finished_rows: list[tuple[DecodeHandle, int, int]] = []  # rows of streamed handles, as they finish
+        self.stats = {"decode_steps": 0, "forwards": 0, "row_steps": 0, "padded_row_positions": 0, "prefills": 0}
         self._stops: dict[str, int] = {}
         self._stop_table: torch.Tensor | None = None  # [S, V] tokens that may end each stop string
         self._groups: dict[tuple, int] = {}  # (temperature, top_p, top_k) -> sampling group
-        self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- submissions ---------------------------------------------------------------------------
     def _request(self, handle: DecodeHandle, context: list[int], prefix: list[int], spans: list, n: int, limits: ThoughtLimits, sampling: SamplingParams, salt: int, seen: dict) -> None:
         ctx = tuple(context)
-        first = seen.get(ctx, 0)
-        seen[ctx] = first + n
+        first = seen.get((sampling.seed, ctx), 0)
+        seen[(sampling.seed, ctx)] = first + n
         chains = _Chains(self.engine, limits, [len(context)] * n, [list(prefix) for _ in range(n)], [list(spans) for _ in range(n)])
         keys = [chain_key(sampling.seed, ctx, salt, first + j) for j in range(n)]
         req = _Req(handle, list(context), list(prefix), n, limits, sampling, keys, chains, [[] for _ in range(n)], [[] for _ in range(n)])
         req.open_rows = sum(f is None for f in chains.finish)
+        req.index = len(handle.reqs)
         handle.reqs.append(req)
         if req.open_rows:
             handle.open += 1
             self.queue.append(req)
 
-    def submit_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams, salt: int = 0) -> DecodeHandle:
-        handle, seen = DecodeHandle("thoughts", list(requests)), {}
+    def submit_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams, salt: int = 0, seen: dict | None = None, stream: bool = False) -> DecodeHandle:
+        """Queue requests. `seen` (shared across submissions) numbers the chains of each context
+        on from the earlier submissions' instead of from 0; `stream` reports finished rows."""
+        handle, seen = DecodeHandle("thoughts", list(requests), stream=stream), {} if seen is None else seen
         for r in requests:
             self._request(handle, list(r.prompt_ids) + list(r.prefix_ids), list(r.prefix_ids), list(r.prefix_spans), r.n, limits, sampling, salt, seen)
         self._maybe_close(handle)
         return handle
 
-    def submit_complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams, salt: int = 0) -> DecodeHandle:
+    def submit_complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams, salt: int = 0, seen: dict | None = None) -> DecodeHandle:
         limits = ThoughtLimits(stop="", max_thoughts=1, max_thought_tokens=max_tokens, max_response_tokens=max_tokens, max_model_len=10**9)
-        handle, seen = DecodeHandle("complete", [list(p) for p in prompts]), {}
+        handle, seen = DecodeHandle("complete", [list(p) for p in prompts]), {} if seen is None else seen
         for p in prompts:
             self._request(handle, list(p), [], [], 1, limits, sampling, salt, seen)
         self._maybe_close(handle)
@@ -284,8 +352,12 @@ class ContinuousBatch:
         self.finished.append(handle)
 
     @property
+    def rows(self) -> int:
+        return sum(len(c.slots) for c in self.cohorts)
+
+    @property
     def busy(self) -> bool:
-        return bool(self.slots or self.queue)
+        return bool(self.cohorts or self.queue)
 
     def run(self, handles: list[DecodeHandle]) -> None:
         """Step until every handle is done."""
@@ -306,34 +378,15 @@ class ContinuousBatch:
     def _group(self, s: SamplingParams) -> int:
         return self._groups.setdefault((s.temperature, s.top_p, s.top_k), len(self._groups))
 
-    # ---- the loop ----------------------------------------------------------------------------------
-    def _flush(self) -> None:
-        """Move buffered tokens into the rows' python lists (one transfer for many steps)."""
-        if not self._buffer:
-            return
-        toks = torch.stack([t for t, _ in self._buffer], 1).tolist()
-        lps = torch.stack([lp for _, lp in self._buffer], 1).tolist()
-        for b, (req, row) in enumerate(self.slots):
-            if req.chains.finish[row] is None:
-                req.generated[row].extend(toks[b])
-                req.logprobs[row].extend(lps[b])
-        self._buffer.clear()
-
+    # ---- admission ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _admit(self) -> None:
-        rows, admitted = len(self.slots), []
-        while self.queue and (rows + self.queue[0].open_rows <= self.max_rows or rows == 0):
-            req = self.queue.popleft()
-            admitted.append(req)
-            rows += req.open_rows
-        if not admitted:
-            return
-        self._flush()
+    def _prefill(self, reqs: list[_Req]) -> _Cohort:
+        """Prefill each request's context once (left-padded together) and expand to its live rows."""
         eng, device = self.engine, self.engine.device
-        width = max(len(r.context) for r in admitted)
-        ids = torch.full((len(admitted), width), eng.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(admitted), width), dtype=torch.long)
-        for j, r in enumerate(admitted):
+        width = max(len(r.context) for r in reqs)
+        ids = torch.full((len(reqs), width), eng.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(reqs), width), dtype=torch.long)
+        for j, r in enumerate(reqs):
             ids[j, width - len(r.context):] = torch.tensor(r.context)
             attn[j, width - len(r.context):] = 1
         ids, attn = ids.to(device), attn.to(device)
@@ -342,51 +395,86 @@ class ContinuousBatch:
         cache, logits = _cache_of(out), out.logits[:, -1, :]
         del out
         self.stats["prefills"] += 1
-        new_slots = [(r, j) for r in admitted for j in range(r.n) if r.chains.finish[j] is None]
-        expand = torch.tensor([k for k, r in enumerate(admitted) for j in range(r.n) if r.chains.finish[j] is None], device=device)
+        slots = [(r, j) for r in reqs for j in range(r.n) if r.chains.finish[j] is None]
+        expand = torch.tensor([k for k, r in enumerate(reqs) for j in range(r.n) if r.chains.finish[j] is None], device=device)
         cache.batch_select_indices(expand)
         logits, attn = logits[expand], attn[expand]
         fields = {
             "next_pos": attn.sum(-1),
-            "tok_in_thought": torch.zeros(len(new_slots), dtype=torch.long, device=device),
-            "counter": torch.zeros(len(new_slots), dtype=torch.long, device=device),
-            "key_hi": torch.tensor([r.keys[j][0] for r, j in new_slots], dtype=torch.long, device=device),
-            "key_lo": torch.tensor([r.keys[j][1] for r, j in new_slots], dtype=torch.long, device=device),
-            "max_tt": torch.tensor([r.limits.max_thought_tokens for r, _ in new_slots], device=device),
-            "stop": torch.tensor([self._stop_slot(r.limits.stop) for r, _ in new_slots], device=device),
-            "group": torch.tensor([self._group(r.sampling) for r, _ in new_slots], device=device),
-            "done": torch.zeros(len(new_slots), dtype=torch.bool, device=device),
+            "tok_in_thought": torch.zeros(len(slots), dtype=torch.long, device=device),
+            "counter": torch.zeros(len(slots), dtype=torch.long, device=device),
+            "key_hi": torch.tensor([r.keys[j][0] for r, j in slots], dtype=torch.long, device=device),
+            "key_lo": torch.tensor([r.keys[j][1] for r, j in slots], dtype=torch.long, device=device),
+            "max_tt": torch.tensor([r.limits.max_thought_tokens for r, _ in slots], device=device),
+            "stop": torch.tensor([self._stop_slot(r.limits.stop) for r, _ in slots], device=device),
+            "group": torch.tensor([self._group(r.sampling) for r, _ in slots], device=device),
+            "done": torch.zeros(len(slots), dtype=torch.bool, device=device),
         }
-        if self.cache is None:
-            self.cache, self.attn, self.logits, self.f = cache, attn, logits, fields
-        else:  # join: left-pad the narrower side to a common width, then append the new rows
-            old_w, new_w = self.attn.shape[1], attn.shape[1]
-            _cache_pad_left(self.cache, new_w - old_w)
-            _cache_pad_left(cache, old_w - new_w)
-            _cache_cat(self.cache, cache)
-            self.attn = torch.cat([F.pad(self.attn, (max(0, new_w - old_w), 0)), F.pad(attn, (max(0, old_w - new_w), 0))])
-            self.logits = torch.cat([self.logits, logits])
-            self.f = {k: torch.cat([self.f[k], v]) for k, v in fields.items()}
-        self.slots += new_slots
+        return _Cohort(cache, attn, logits, fields, slots)
 
-    def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.f
+    def _admit(self) -> None:
+        rows, admitted = self.rows, []
+        while self.queue and (rows + self.queue[0].open_rows <= self.max_rows or rows == 0):
+            req = self.queue.popleft()
+            admitted.append(req)
+            rows += req.open_rows
+        if not admitted:
+            return
+        # place each request (widest first) where it pads least: a running cohort or a new one
+        budget = self.engine.cohort_cost
+        plan: list[list] = [[c.width, len(c.slots), c, []] for c in self.cohorts]  # width, rows, cohort, requests
+        for req in sorted(admitted, key=lambda r: -len(r.context)):
+            c, n = len(req.context), req.open_rows
+            costs = [(n * (w - c) if w >= c else b * (c - w), k) for k, (w, b, _, _) in enumerate(plan)]
+            cost, k = min(costs, default=(budget, -1))
+            if cost >= budget:
+                plan.append([c, 0, None, []])
+                k = len(plan) - 1
+            plan[k][0], plan[k][1] = max(plan[k][0], c), plan[k][1] + n
+            plan[k][3].append(req)
+        order = {id(r): i for i, r in enumerate(admitted)}
+        for _, _, cohort, reqs in plan:
+            if not reqs:
+                continue
+            fresh = self._prefill(sorted(reqs, key=lambda r: order[id(r)]))
+            if cohort is None:
+                self.cohorts.append(fresh)
+            else:
+                cohort.flush()
+                cohort.absorb(fresh)
+
+    def _merge(self) -> None:
+        """Merge cohorts whose padding on merging costs less than a forward of their own."""
+        budget = self.engine.cohort_cost
+        while len(self.cohorts) > 1:
+            pairs = [(len(b.slots) * abs(a.width - b.width) if a.width >= b.width else len(a.slots) * (b.width - a.width), i, j)
+                     for i, a in enumerate(self.cohorts) for j, b in enumerate(self.cohorts) if i < j]
+            cost, i, j = min(pairs)
+            if cost >= budget:
+                return
+            a, b = self.cohorts[i], self.cohorts.pop(j)
+            a.flush(), b.flush()
+            a.absorb(b)
+
+    # ---- decoding ------------------------------------------------------------------------------------
+    def _sample(self, co: _Cohort) -> tuple[torch.Tensor, torch.Tensor]:
+        f = co.f
         u = chain_uniforms(f["key_hi"], f["key_lo"], f["counter"])
         groups = list(self._groups.items())
         if len(groups) == 1:
             (t, p, k), _ = groups[0]
-            return sample_tokens(self.logits, SamplingParams(t, p, k), u)
-        tok = torch.zeros(len(self.slots), dtype=torch.long, device=self.logits.device)
-        lp = torch.zeros(len(self.slots), dtype=torch.float32, device=self.logits.device)
+            return sample_tokens(co.logits, SamplingParams(t, p, k), u)
+        tok = torch.zeros(len(co.slots), dtype=torch.long, device=co.logits.device)
+        lp = torch.zeros(len(co.slots), dtype=torch.float32, device=co.logits.device)
         for (t, p, k), g in groups:
             idx = (f["group"] == g).nonzero()[:, 0]
             if len(idx):
-                tok[idx], lp[idx] = sample_tokens(self.logits[idx], SamplingParams(t, p, k), u[idx])
+                tok[idx], lp[idx] = sample_tokens(co.logits[idx], SamplingParams(t, p, k), u[idx])
         return tok, lp
 
-    def _row_event(self, b: int, eos: bool, stop_tok: bool, count: int) -> tuple[bool, bool]:
-        """Apply a thought or chain end to batch row b: (thought restarted, row finished)."""
-        req, row = self.slots[b]
+    def _row_event(self, co: _Cohort, b: int, eos: bool, stop_tok: bool, count: int) -> tuple[bool, bool]:
+        """Apply a thought or chain end to row b of a cohort: (thought restarted, row finished)."""
+        req, row = co.slots[b]
         chains, gen, lim = req.chains, req.generated[row], req.limits
         restart = False
         if eos:
@@ -404,6 +492,8 @@ class ContinuousBatch:
                 restart = True
         if chains.finish[row] is None:
             return restart, False
+        if req.handle.stream:
+            self.finished_rows.append((req.handle, req.index, row))
         req.open_rows -= 1
         if req.open_rows == 0:
             req.handle.open -= 1
@@ -412,76 +502,84 @@ class ContinuousBatch:
 
     @torch.no_grad()
     def step(self) -> list[DecodeHandle]:
-        """Admit what fits, sample one token for every row, apply thought and chain ends, drop
-        finished rows, run one forward step. Returns the handles that finished."""
+        """Admit what fits, then in every cohort sample one token per row, apply thought and chain
+        ends, drop finished rows and run one forward step. Returns the handles that finished."""
         self._admit()
-        if self.slots:
-            self._decode_one()
+        if self.cohorts:
+            self.stats["decode_steps"] += 1
+            pruned = False
+            for co in list(self.cohorts):
+                pruned |= self._decode_one(co)
+            self.cohorts = [c for c in self.cohorts if c.slots]
+            if pruned:
+                self._merge()
+            for co in self.cohorts:
+                self._forward(co)
         out, self.finished = self.finished, []
         return out
 
-    def _decode_one(self) -> None:
-        eng, f = self.engine, self.f
-        tok, lp = self._sample()  # [A], [A]
+    def _decode_one(self, co: _Cohort) -> bool:
+        """Sample and apply ends in one cohort; True if rows were pruned."""
+        eng, f = self.engine, co.f
+        tok, lp = self._sample(co)  # [A], [A]
         done = f["done"]
         tok = torch.where(done, torch.full_like(tok, eng.pad_id), tok)
-        self._buffer.append((tok, lp))
+        co.buffer.append((tok, lp))
+        co.tok = tok
         f["counter"] += 1
         f["tok_in_thought"] += 1
         is_eos = (tok == eng.eos_id) & ~done
         maybe_end = self._stop_table[f["stop"], tok]
         events = (is_eos | maybe_end | (f["tok_in_thought"] >= f["max_tt"])) & ~done
-        self.stats["decode_steps"] += 1
-        self.stats["row_steps"] += len(self.slots)
-        if bool(events.any()):
-            self._flush()
-            ev = events.nonzero()[:, 0]
-            restart, finished = [], []
-            # one device-to-host copy per field for all event rows, not one per row and field
-            for b, eos, stop_tok, count in zip(ev.tolist(), is_eos[ev].tolist(), maybe_end[ev].tolist(), f["tok_in_thought"][ev].tolist()):
-                r, fin = self._row_event(b, eos, stop_tok, count)
-                if r:
-                    restart.append(b)
-                if fin:
-                    finished.append(b)
-            if restart:
-                f["tok_in_thought"][restart] = 0
-            if finished:
-                done[finished] = True
-            n_done = int(done.sum())
-            if n_done == len(self.slots):
-                self._buffer.clear()
-                self.slots, self.cache, self.attn, self.logits, self.f = [], None, None, None, None
-                return
-            if n_done >= max(1, int(eng.prune_fraction * len(self.slots))) or (n_done and self.queue):
-                tok = self._prune(done, tok)
-        if len(self._buffer) >= 64:
-            self._flush()
-        f = self.f
-        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
-        out = eng.model(input_ids=tok[:, None], attention_mask=self.attn, position_ids=f["next_pos"][:, None], use_cache=True, **{eng._cache_kw: self.cache})
-        self.cache, self.logits = _cache_of(out), out.logits[:, -1, :]
-        f["next_pos"] += 1
+        if not bool(events.any()):
+            if len(co.buffer) >= 64:
+                co.flush()
+            return False
+        co.flush()
+        ev = events.nonzero()[:, 0]
+        restart, finished = [], []
+        # one device-to-host copy per field for all event rows, not one per row and field
+        for b, eos, stop_tok, count in zip(ev.tolist(), is_eos[ev].tolist(), maybe_end[ev].tolist(), f["tok_in_thought"][ev].tolist()):
+            r, fin = self._row_event(co, b, eos, stop_tok, count)
+            if r:
+                restart.append(b)
+            if fin:
+                finished.append(b)
+        if restart:
+            f["tok_in_thought"][restart] = 0
+        if finished:
+            done[finished] = True
+        n_done = int(done.sum())
+        if n_done == len(co.slots):
+            co.buffer.clear()
+            co.slots = []
+            return True
+        if n_done >= max(1, int(eng.prune_fraction * len(co.slots))) or (n_done and self.queue):
+            keep = (~done).nonzero()[:, 0]
+            co.keep(keep)
+            co.tok = tok[keep]
+            return True
+        return False
 
-    def _prune(self, done: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """Drop finished rows, and the leading positions no remaining row attends to."""
-        self._flush()
-        keep = (~done).nonzero()[:, 0]
-        self.cache.batch_select_indices(keep)
-        self.attn, self.logits = self.attn[keep], self.logits[keep]
-        self.f = {k: v[keep] for k, v in self.f.items()}
-        keep_list = keep.tolist()
-        self.slots = [self.slots[b] for b in keep_list]
-        first = int(self.attn.any(0).int().argmax())
-        if first > 0:
-            _cache_trim_left(self.cache, first)
-            self.attn = self.attn[:, first:]
-        return tok[keep]
+    def _forward(self, co: _Cohort) -> None:
+        eng, f = self.engine, co.f
+        co.attn = torch.cat([co.attn, torch.ones_like(co.attn[:, :1])], dim=1)
+        out = eng.model(input_ids=co.tok[:, None], attention_mask=co.attn, position_ids=f["next_pos"][:, None], use_cache=True, **{eng._cache_kw: co.cache})
+        co.cache, co.logits = _cache_of(out), out.logits[:, -1, :]
+        f["next_pos"] += 1
+        self.stats["forwards"] += 1
+        self.stats["row_steps"] += len(co.slots)
+        self.stats["padded_row_positions"] += co.attn.numel()
 
 
 class HFEngine(RolloutEngine):
-    def __init__(self, model, tokenizer, max_batch_rows: int = 256, prune_fraction: float = 0.25, adapter_version: str | None = None):
+    def __init__(self, model, tokenizer, max_batch_rows: int = 256, prune_fraction: float = 0.25, adapter_version: str | None = None, cohort_cost: int | None = None):
         self.model = model
+        # the fixed cost of one more forward per decode step, in row-positions of padded KV cache
+        # (ContinuousBatch cohorts): measured on the tiny model, one CPU thread, a decode step
+        # costs ~6.7 ms + ~2.6 us per row-position, i.e. ~2600; on a GPU the fixed part (kernel
+        # launches) dominates far more, so cohorts there merge far more readily
+        self.cohort_cost = cohort_cost if cohort_cost is not None else (2048 if self.device.type == "cpu" else 65536)
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
         self.prune_fraction = prune_fraction
