@@ -69,7 +69,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = no top-k
     stop: str = "</thought>"
     engine: str = "hf"  # "hf" | "vllm"
-    scheduler: str = "auto"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py) | auto (events where the engine has a continuous batch)
+    scheduler: str = "batched"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py) | auto (events where the engine has a continuous batch)
     server_url: str = ""  # "": each phase step loads the model; "auto": the training starts a local server per epoch step; else the URL of a running server
 
     def __post_init__(self):
