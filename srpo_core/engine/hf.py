@@ -8,8 +8,14 @@ distribution is the same; `generate_thoughts_per_call` is that per-thought refer
 `model.generate` with a stop string, and the tests check both give identical greedy chains.
 
 Each distinct context (prompt + reset prefix) is prefilled once and its KV cache is expanded to
-its `n` samples, so a shared prefix is encoded once for its G suffixes. Finished rows are pruned
-from the batch when enough of them accumulate.
+its `n` samples, so a shared prefix is encoded once for its G suffixes. Every call runs on a
+`ContinuousBatch`: requests join while others decode (as capacity frees, or as the event-driven
+scheduler of srpo_core/scheduler.py submits them), finished rows leave.
+
+Sampling is keyed per chain, not per batch: a chain's t-th token is drawn by inverse CDF from a
+counter-based uniform keyed by (sampling seed, context, salt, chain index) (`chain_key`,
+`chain_uniforms`), so a seeded chain samples the same tokens whichever rows share its batch, up to
+the last-bit batch dependence of float logits (see tests/test_scheduler.py).
 """
 
 from __future__ import annotations
