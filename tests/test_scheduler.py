@@ -195,3 +195,29 @@ def test_events_need_an_engine_with_a_continuous_batch(tiny_model_path):
     # auto: the batched phases where the engine has no continuous batch
     result = step.run_rollout_phases(engine, get_task("synthetic"), _cfg(tiny_model_path, "auto", **{"method.localizer": "oracle"}), items, 0)
     assert json.loads(records_jsonl(result.records, 0, _cfg(tiny_model_path, "auto")).splitlines()[0])["prompt_id"] == items[0].id
+
+
+def test_cohorts_open_join_and_merge_without_changing_chains(engine64):
+    """Rows of contexts ~20 tokens apart, admitted as capacity frees: with a small cohort cost they
+    open cohorts of their own and merge once few rows remain; with a huge one they all share one
+    left-padded cache. The chains are the same either way."""
+    from srpo_core import templates
+    from srpo_core.tasks import synthetic
+
+    prompts = [tuple(engine64.encode(templates.rollout_prompt("tiny_rollout_v1", p.question))) for p in synthetic.make_split("test", 4, 5)]
+    seeds = [g[0] for g in engine64.generate_thoughts([ThoughtRequest(p, n=1) for p in prompts], LIMITS, SamplingParams(temperature=0.0))]
+    reqs = []
+    for p, s in zip(prompts, seeds):
+        h = min(3, len(s.spans))
+        reqs += [ThoughtRequest(p, n=3), ThoughtRequest(p, n=3, prefix_ids=tuple(s.response_ids[: s.spans[h - 1][1]]), prefix_spans=tuple(s.spans[:h]))]
+    sampling = SamplingParams(temperature=1.0, seed=2)
+    out, stats = {}, {}
+    for cost in (10**9, 40):
+        engine = hf.HFEngine(engine64.model, engine64.tokenizer, max_batch_rows=9, cohort_cost=cost)
+        batch = engine.continuous_batch()
+        handle = batch.submit_thoughts(reqs, LIMITS, sampling)
+        batch.run([handle])
+        out[cost], stats[cost] = [[c.response_ids for c in g] for g in handle.result], batch.stats
+    assert out[10**9] == out[40]
+    assert stats[10**9]["cohorts_opened"] == 1 and stats[10**9]["merges"] == 0
+    assert stats[40]["cohorts_opened"] > 1 and stats[40]["merges"] > 0

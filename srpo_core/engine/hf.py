@@ -231,6 +231,7 @@ class _Cohort:
     def __init__(self, cache, attn: torch.Tensor, logits: torch.Tensor, fields: dict, slots: list):
         self.cache, self.attn, self.logits, self.f, self.slots = cache, attn, logits, fields, slots
         self.buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.tok: torch.Tensor | None = None  # the tokens sampled this step (input of the next forward)
 
     @property
     def width(self) -> int:
@@ -245,6 +246,7 @@ class _Cohort:
         self.attn = torch.cat([F.pad(self.attn, (max(0, new_w - old_w), 0)), F.pad(other.attn, (max(0, old_w - new_w), 0))])
         self.logits = torch.cat([self.logits, other.logits])
         self.f = {k: torch.cat([self.f[k], v]) for k, v in other.f.items()}
+        self.tok = torch.cat([self.tok, other.tok]) if self.tok is not None and other.tok is not None else None
         self.slots += other.slots
 
     def flush(self) -> None:
@@ -306,7 +308,7 @@ class ContinuousBatch:
         self.cohorts: list[_Cohort] = []
         self.finished: list[DecodeHandle] = []
         self.finished_rows: list[tuple[DecodeHandle, int, int]] = []  # rows of streamed handles, as they finish
-        self.stats = {"decode_steps": 0, "forwards": 0, "row_steps": 0, "padded_row_positions": 0, "prefills": 0}
+        self.stats = {"decode_steps": 0, "forwards": 0, "row_steps": 0, "padded_row_positions": 0, "prefills": 0, "cohorts_opened": 0, "merges": 0}
         self._stops: dict[str, int] = {}
         self._stop_table: torch.Tensor | None = None  # [S, V] tokens that may end each stop string
         self._groups: dict[tuple, int] = {}  # (temperature, top_p, top_k) -> sampling group
@@ -445,6 +447,7 @@ class ContinuousBatch:
             fresh = self._prefill(sorted(reqs, key=lambda r: order[id(r)]))
             if cohort is None:
                 self.cohorts.append(fresh)
+                self.stats["cohorts_opened"] += 1
             else:
                 cohort.flush()
                 cohort.absorb(fresh)
@@ -461,6 +464,7 @@ class ContinuousBatch:
             a, b = self.cohorts[i], self.cohorts.pop(j)
             a.flush(), b.flush()
             a.absorb(b)
+            self.stats["merges"] += 1
 
     # ---- decoding ------------------------------------------------------------------------------------
     def _sample(self, co: _Cohort) -> tuple[torch.Tensor, torch.Tensor]:
@@ -582,10 +586,11 @@ class HFEngine(RolloutEngine):
     def __init__(self, model, tokenizer, max_batch_rows: int = 256, prune_fraction: float = 0.25, adapter_version: str | None = None, cohort_cost: int | None = None):
         self.model = model
         # the fixed cost of one more forward per decode step, in row-positions of padded KV cache
-        # (ContinuousBatch cohorts): measured on the tiny model, one CPU thread, a decode step
-        # costs ~6.7 ms + ~2.6 us per row-position, i.e. ~2600; on a GPU the fixed part (kernel
-        # launches) dominates far more, so cohorts there merge far more readily
-        self.cohort_cost = cohort_cost if cohort_cost is not None else (2048 if self.device.type == "cpu" else 65536)
+        # (ContinuousBatch cohorts). Measured on the tiny model, one CPU thread, on a shared
+        # machine: a decode step costs ~7 ms + ~7.6 us per row-position of padded cache (fit over
+        # B 1..256, W 50..300), i.e. ~900; a cohort of its own also pays its own sampling ops and
+        # prefills, so half of that. On a GPU the fixed part (kernel launches) dominates far more.
+        self.cohort_cost = cohort_cost if cohort_cost is not None else (512 if self.device.type == "cpu" else 65536)
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
         self.prune_fraction = prune_fraction
