@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from http.client import HTTPConnection
 import json
-import os
 import shutil
 import threading
 import time
@@ -484,10 +483,10 @@ def test_server_refuses_an_open_bind_without_a_token_and_a_readable_token_file(t
 
 def test_start_server_token_is_fresh_and_stays_out_of_argv_and_log(server):
     assert len(server.token) >= 40
-    cmdline = open(f"/proc/{server.process.pid}/cmdline", "rb").read().decode(errors="replace")
+    cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode(errors="replace")
     assert server.token not in cmdline
     assert server.token not in server.log_path.read_text()
-    environ = open(f"/proc/{server.process.pid}/environ", "rb").read().decode(errors="replace")
+    environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().decode(errors="replace")
     assert "SRPO_SERVER_TOKEN=" in environ  # the launch environment (/proc keeps it); the server popped it from os.environ
     with pytest.raises(RemoteEngineError) as err:
         RemoteEngine(server.url, token="not-the-token-of-this-start").adapters()
@@ -624,8 +623,7 @@ def test_body_size_is_capped_before_reading(stub_server):
     head = f"POST /encode HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {1 << 30}\r\n\r\n".encode()
     answer = raw_request(srv.url, head)  # 1 GiB announced, nothing sent: answered and closed at once
     assert answer.startswith(b"HTTP/1.1 413") and b"1000" in answer
-    status, out = http("POST", srv.url + "/encode", {"texts": ["a" * 2000]}, token=TOKEN)
-    assert status == 413
+    assert http("POST", srv.url + "/encode", {"texts": ["a" * 2000]}, token=TOKEN)[0] == 413
     assert http("POST", srv.url + "/encode", {"texts": ["Q:1|"]}, token=TOKEN)[0] == 200
 
 
