@@ -211,6 +211,20 @@ def audit_rows(records: Iterable[Any]) -> list[AuditRow]:
     return rows
 
 
+def read_records(text: str) -> list[dict]:
+    """The records of a rollouts.jsonl text (blank lines skipped; a bad line raises naming it)."""
+    import json
+
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"rollouts.jsonl line {i}: not JSON ({exc})") from None
+    return out
+
+
 # ---- numbers ---------------------------------------------------------------------------------------
 
 
@@ -316,6 +330,7 @@ def plot_audit(records: Iterable[Any], path: Path | None = None, title: str = "L
     ax_h.set_xticks(xs, ["≤-4", *map(str, xs[1:-1]), "≥4"])
     ax_h.axvline(0.5, color="gray", ls="--", lw=1)
     ax_h.set(title=f"(a) deviation self - judge ({len(rows)} seeds)", xlabel="thoughts (≤ 0: clean prefix, > 0: erroneous)", ylabel="seeds")
+    ax_h.yaxis.get_major_locator().set_params(integer=True)
     ax_h.legend(fontsize=8, loc="upper left")
     rates = correction_rates(rows)
     kinds = (("suffix", "per suffix"), ("pass_at_g", "Pass@G"))
@@ -330,12 +345,14 @@ def plot_audit(records: Iterable[Any], path: Path | None = None, title: str = "L
             errs[1].append(100 * (hi - v) if rate.n else 0.0)
             labels.append(f"{rate.k}/{rate.n}")
         pos = [k + (i - 0.5) * width for k in range(len(kinds))]
-        bars = ax_c.bar(pos, vals, width, yerr=errs, capsize=4, color=color, alpha=0.8, label=f"{name} prefix ({rates[name]['pass_at_g'].n} seeds)")
-        ax_c.bar_label(bars, labels, padding=2, fontsize=7, label_type="center")
+        ax_c.bar(pos, vals, width, yerr=errs, capsize=4, color=color, alpha=0.8, label=f"{name} prefix ({rates[name]['pass_at_g'].n} seeds)")
+        for x, text in zip(pos, labels):
+            ax_c.text(x, 2, text, ha="center", va="bottom", fontsize=8)
     ax_c.set_xticks(range(len(kinds)), [label for _, label in kinds])
-    ax_c.set_ylim(0, 105)
+    ax_c.set_ylim(0, 125)
+    ax_c.set_yticks(range(0, 101, 20))
     ax_c.set(title="(b) correction rate (Wilson 95% CI)", ylabel="correct (%)")
-    ax_c.legend(fontsize=8, loc="upper left")
+    ax_c.legend(fontsize=8, loc="upper center", ncol=2)
     fig.suptitle(title)
     if path is not None:
         path = Path(path)
