@@ -242,6 +242,7 @@ def test_learning_curves_png(comparison):
     # the synthetic task has a step checker: the audit judges every seed of rrpo and srpo
     audits = sorted(p.name for p in out.glob("audit_*.png"))
     assert audits == ["audit_rrpo.png", "audit_srpo.png"]
+    assert (out / "runs.jsonl").read_text().count("\n") == 6
 
 
 def test_comparison_experiment_opens_in_the_training_view(comparison):
@@ -251,4 +252,3 @@ def test_comparison_experiment_opens_in_the_training_view(comparison):
     assert client.get_experiment(parent.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert figures == {"figures/learning_curves.png", "figures/audit_rrpo.png", "figures/audit_srpo.png"}
-    assert (out / "runs.jsonl").read_text().count("\n") == 6
