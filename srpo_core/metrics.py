@@ -102,7 +102,8 @@ def step_metrics(records: list[R.Record], states: list[R.PromptState], task: Tas
         m["reset/index_mean"] = _mean(r.reset_index for r in seeds)
         m["reset/relative_mean"] = _mean((r.reset_index - 1) / max(len(r.rollout.spans), 1) for r in seeds)
         status = Counter(r.localization_status for r in seeds)
-        m["localization/parse_rate"] = (status["boxed"] + status["step"]) / len(seeds) if localizer == "self" else float("nan")  # the policy's answers only
+        if localizer == "self":  # the policy's answers only: other localizers log no parse rate (not a nan warned about every step)
+            m["localization/parse_rate"] = (status["boxed"] + status["step"]) / len(seeds)
         m["localization/fallback_rate"] = status["fallback"] / len(seeds)
         m["localization/errors"] = float(status[R.ERROR_STATUS])
         m["localization/error_rate"] = status[R.ERROR_STATUS] / len(seeds)
