@@ -70,6 +70,7 @@ class RolloutConfig:
     stop: str = "</thought>"
     engine: str = "hf"  # "hf" | "vllm"
     server_url: str = ""  # "": each phase step loads the model; "auto": the training starts a local server per epoch step; else the URL of a running server
+    score_unfinished: bool = False  # false (paper): a chain that ends without an answer (finish_reason != "answer") gets reward 0 in training and evaluation; true: its text is scored
 
     def __post_init__(self):
         for name in ("max_thoughts", "max_thought_tokens", "max_response_tokens", "max_prompt_tokens"):
@@ -90,11 +91,16 @@ class MethodConfig:
     localizer: str = ""  # empty: the method's default (rrpo: random, srpo: self)
     rollouts_per_prompt: int = 8
     seed_search_budget: int = 12
-    incorrect_threshold: float = 0.5  # reward <= threshold is an incorrect chain
+    incorrect_threshold: float | None = None  # None: the task's seed rule (Task.is_incorrect: reward 0 for binary tasks, < 1 for code); a number: reward <= threshold is incorrect
     localization_template: str = "localization_v1"
     localization_temperature: float = -1.0  # < 0: 0.3 for 1x4 and 2x4, 0.0 for 1x8 (REFERENCE.md)
     localization_max_tokens: int = 4096
     options: dict = field(default_factory=dict)  # the method's own settings (its options_class in srpo_core/methods/)
+    # localization audit judge (srpo_core/audit.py): "" = the step checker where the task has one, else
+    # none; "none"; "checker"; a model path / hub id / builtin:NAME; an http(s):// srpo server URL
+    audit_judge: str = ""
+    audit_sample: int = 0  # seeds per shard and step sent to a model judge (0: all)
+    audit_max_tokens: int = 1024  # the model judge's output tokens (REFERENCE "Localization audit")
 
     def __post_init__(self):
         _require(self.method in METHODS, "method.method", f"one of {METHODS}")
@@ -103,6 +109,10 @@ class MethodConfig:
         _require(self.rollouts_per_prompt > 1, "method.rollouts_per_prompt", "must be > 1")
         _require(self.seed_search_budget >= 1, "method.seed_search_budget", "must be >= 1")
         _require(self.localization_max_tokens > 0, "method.localization_max_tokens", "must be > 0")
+        _require(self.incorrect_threshold is None or 0 <= self.incorrect_threshold < 1, "method.incorrect_threshold", "null (the task's rule) or a number in [0, 1)")
+        _require(self.audit_sample >= 0, "method.audit_sample", "must be >= 0 (0: every seed)")
+        _require(self.audit_max_tokens > 0, "method.audit_max_tokens", "must be > 0")
+        _require(bool(self.audit_judge.strip()) or self.audit_judge == "", "method.audit_judge", "empty, 'none', 'checker', a model path or an http(s):// URL")
         for key, reason in self.spec.validate(self):
             _require(False, key, reason)
         self.parsed_options  # noqa: B018 - validates method.options against the method's options_class
