@@ -3,7 +3,7 @@ algos.py. Mini-batches of prompts give one optimizer step each (gradient accumul
 micro-batches inside), training log-probs use logits / rollout temperature.
 
 One process (CPU or one GPU) or several under torchrun: when a process group exists the model is
-sharded with FSDP2 (`distributed.shard_model`) and each mini-batch's sequences are split over the
+sharded with FSDP2 (`fsdp.shard_model`) and each mini-batch's sequences are split over the
 processes by `plan_micro_batches` (same number of micro-batches everywhere: an FSDP forward is a
 collective; a process short of work runs a zero-weight micro-batch). Micro-batches hold at most
 `micro_batch_sequences` sequences and, with `micro_batch_tokens`, at most that many padded tokens
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from srpo_core import algos
-from srpo_core import distributed as D
+from srpo_core import fsdp as D
 
 LOGPROB_CHUNK_TOKENS = 1024  # algos.token_logprobs: the float32 softmax of ~1k tokens at a time (docs/memory.md)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
