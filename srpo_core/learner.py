@@ -153,7 +153,9 @@ class Learner:
         self.model = D.shard_model(model) if self.world > 1 else model.to(D.device())
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
-        self.lr, self.warmup_steps = optim.lr, optim.warmup_steps
+        for group in self.optimizer.param_groups:  # the base rate the warmup scales; saved with the optimizer
+            group["initial_lr"] = optim.lr
+        self.warmup_steps = optim.warmup_steps
         self.grad_clip = optim.grad_clip
         # transformers before _can_checkpoint_with_cache drop any cache under checkpointing: no sharing there
         self.share_prefix_forward = share_prefix_forward and (not gradient_checkpointing or any(hasattr(m, "_can_checkpoint_with_cache") for m in base.modules()))
@@ -254,7 +256,7 @@ class Learner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss over mini-batches, active tokens (on the device: no sync per micro-batch)
         counts = [0, 0]  # micro-batches, tokens forwarded (known on the host)
-        norms, lr = [], self.lr
+        norms, lr = [], self.optimizer.param_groups[0].get("initial_lr", self.optimizer.param_groups[0]["lr"])
         for _ in range(update_epochs):
             for mini in minis:
                 batch = [s for s in seqs if s.prompt_index in mini]
@@ -282,9 +284,10 @@ class Learner:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                 norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-                lr = self.lr * algos.warmup_factor(self.optimizer_steps, self.warmup_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                factor = algos.warmup_factor(self.optimizer_steps, self.warmup_steps)
+                for group in self.optimizer.param_groups:  # initial_lr: the base rate, saved and restored with the optimizer
+                    group.setdefault("initial_lr", group["lr"])
+                    group["lr"] = lr = group["initial_lr"] * factor
                 self.optimizer.step()
                 self.optimizer_steps += 1
                 norms.append(float(D.full(norm)))
@@ -325,6 +328,8 @@ class Learner:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for group in state["optimizer"]["param_groups"]:  # saved before the warmup existed: the rate was the base rate
+            group.setdefault("initial_lr", group["lr"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.optimizer_steps = int(state["optimizer_steps"])
 
