@@ -392,3 +392,24 @@ def test_more_processes_than_gpus_is_refused(tiny_model_path, tmp_path, monkeypa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="train.processes=3: 3 learner processes but 2 visible GPUs"):
         learn(_cfg(tiny_model_path, **{"train.processes": 3}), _sequences(), None, tmp_path / "out", 0)
+
+
+def test_the_learner_and_the_launcher_import_no_circle():
+    """fsdp (primitives) <- learner (the model) <- distributed (the torchrun launcher): a fresh
+    interpreter importing the learner loads neither the launcher nor the training driver, and the
+    launcher loads no training driver at import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import srpo_core.fsdp\n"
+        "assert not {'srpo_core.learner', 'srpo_core.distributed'} & set(sys.modules), 'fsdp imports learner/distributed'\n"
+        "import srpo_core.learner\n"
+        "assert not {'srpo_core.distributed', 'srpo_core.train'} & set(sys.modules), 'learner imports distributed/train'\n"
+        "import srpo_core.distributed\n"
+        "assert 'srpo_core.train' not in sys.modules, 'distributed imports train'\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
