@@ -18,7 +18,7 @@ table 4 ablation) replaces log pi by the PPO dual-clipped ratio objective on the
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -82,6 +82,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # [N, T, V]
     return torch.log_softmax(scaled, -1).gather(-1, targets[..., None])[..., 0]
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear learning-rate warmup: the multiplier of `optim.lr` for optimizer step `step` (0-based,
+    the number of steps taken before it). Step k < W uses (k + 1) / W, so no step is spent at lr 0
+    and step W - 1 is the first at the full rate; W = 0 (the paper's setting): 1 from the start."""
+    if step < 0 or warmup_steps < 0:
+        raise ValueError(f"warmup_factor: step {step} and warmup_steps {warmup_steps} must be >= 0")
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 def gradient_signal(advantages: torch.Tensor, token_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

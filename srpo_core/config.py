@@ -170,10 +170,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup over optimizer steps (algos.warmup_factor); 0: none (the paper)
 
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0 (0: no warmup)")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(self.grad_clip > 0, "optim.grad_clip", "must be > 0")
@@ -191,6 +192,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     micro_batch_tokens: int = 0  # > 0: a micro-batch also holds at most this many padded tokens
     processes: int = 1  # learner processes (FSDP2 under torchrun when > 1); 0: one per visible GPU
+    share_prefix_forward: bool = True  # forward a context (prompt + reset prefix) shared by several sequences once; same loss and gradients
 
     def __post_init__(self):
         _require(self.prompts_per_step > 0, "train.prompts_per_step", "must be > 0")
