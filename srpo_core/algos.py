@@ -47,14 +47,18 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pg_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, **_: float) -> torch.Tensor:
-    """Per-sequence loss -A_i * mean_t log pi. logprobs [N, T], advantages [N], mask [N, T] -> [N]."""
+    """Per-sequence loss -A_i * mean_t log pi (token-level credits: -mean_t A_it log pi).
+    logprobs [N, T], advantages [N] or [N, T], mask [N, T] -> [N]."""
+    if advantages.dim() == 2:
+        return -sequence_mean(advantages * logprobs, mask)
     return -advantages * sequence_mean(logprobs, mask)
 
 
 def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2, dual_clip: float = 3.0, **_: float) -> torch.Tensor:
-    """Per-sequence PPO dual-clip surrogate, averaged over active tokens. [N, T] ... -> [N]."""
+    """Per-sequence PPO dual-clip surrogate, averaged over active tokens. logprobs, old_logprobs
+    [N, T], advantages [N] (one per sequence) or [N, T] (token-level credits), mask [N, T] -> [N]."""
     ratio = torch.exp(logprobs - old_logprobs)  # [N, T]
-    adv = advantages[:, None]  # [N, 1]
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]  # [N, T] or [N, 1]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [N, T]
     surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
     return -sequence_mean(surrogate, mask)

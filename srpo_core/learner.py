@@ -46,6 +46,12 @@ class TrainSequence:
     advantage: float
     old_logprobs: list[float]  # rollout log-probs of the generated tokens (len = response - prefix)
     prompt_index: int  # which prompt of the step (mini-batches are formed over prompts)
+    token_advantages: tuple[float, ...] | None = None  # token-level credits of the trained tokens (len = response - prefix); None: `advantage` on every token
+    loss: str = ""  # an algos.LOSSES name for this sequence ("": the learner's configured loss)
+
+    @property
+    def has_signal(self) -> bool:
+        return any(self.token_advantages) if self.token_advantages is not None else self.advantage != 0.0
 
     @property
     def context(self) -> tuple[int, ...]:
@@ -236,6 +242,24 @@ class Learner:
         logits = self.model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]  # [M, K-1, V]
         return algos.token_logprobs(logits, targets, self.temperature, LOGPROB_CHUNK_TOKENS), old, mask
 
+    def _loss(self, micro: list[TrainSequence], logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, shared: bool) -> torch.Tensor:
+        """Per-sequence losses [M]: each sequence's loss (its own `loss`, else the configured one)
+        on its advantage, or on its token-level credits placed at its trained positions."""
+        if all(s.token_advantages is None and not s.loss for s in micro):  # the common case: one loss, one advantage per sequence
+            return self.loss_fn(logp, old, torch.tensor([s.advantage for s in micro], device=logp.device), mask, **self.loss_kwargs)
+        adv = torch.zeros_like(logp)  # [M, T]: credits in the log-probs' coordinates
+        for i, s in enumerate(micro):
+            start = 0 if shared else len(s.prompt_ids) + s.prefix_len - 1 - min(len(x.prompt_ids) + x.prefix_len - 1 for x in micro)
+            n = len(s.response_ids) - s.prefix_len
+            values = torch.tensor(s.token_advantages, dtype=logp.dtype) if s.token_advantages is not None else torch.full((n,), s.advantage, dtype=logp.dtype)
+            adv[i, start : start + n] = values[: adv.shape[1] - start].to(logp.device)
+        out = torch.zeros(len(micro), dtype=logp.dtype, device=logp.device)
+        for name in dict.fromkeys(s.loss for s in micro):
+            rows = torch.tensor([i for i, s in enumerate(micro) if s.loss == name], device=logp.device)
+            fn = algos.LOSSES[name] if name else self.loss_fn
+            out = out.index_copy(0, rows, fn(logp[rows], old[rows], adv[rows], mask[rows], **self.loss_kwargs))
+        return out
+
     def update(self, seqs: list[TrainSequence], mini_batch_prompts: int, micro_batch_sequences: int, update_epochs: int = 1, micro_batch_tokens: int = 0) -> dict[str, float]:
         """One training step: mini-batches of prompts, one optimizer step each (AdamW steps on a
         mini-batch whose advantages are all zero too: its gradient is zero, momentum and weight
@@ -251,7 +275,7 @@ class Learner:
         for _ in range(update_epochs):
             for mini in minis:
                 batch = [s for s in seqs if s.prompt_index in mini]
-                live = [s for s in batch if s.advantage != 0.0]  # A = 0 contributes no gradient
+                live = [s for s in batch if s.has_signal]  # A = 0 contributes no gradient
                 self.optimizer.zero_grad(set_to_none=True)
                 groups = shared_contexts(live) if self.share_prefix_forward else [[i] for i in range(len(live))]
                 shared = any(len(g) > 1 for g in groups)  # the same on every process: all see all sequences
@@ -263,8 +287,7 @@ class Learner:
                     if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
                         self.model.set_requires_gradient_sync(j == len(mine) - 1)
                     logp, old, mask = (self._shared_logprobs if shared else self._plain_logprobs)(micro)
-                    adv = torch.tensor([s.advantage for s in micro], device=logp.device)
-                    loss = self.loss_fn(logp, old, adv, mask, **self.loss_kwargs).sum() * weight
+                    loss = self._loss(micro, logp, old, mask, shared).sum() * weight
                     loss.backward()
                     real = 1.0 if idx else 0.0
                     sums += torch.stack([loss.detach().double() / self.world, mask.sum().double() * real])

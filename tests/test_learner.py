@@ -179,3 +179,42 @@ def test_prefix_tokens_get_no_gradient(session):
         whole = learner.model(input_ids=full, attention_mask=attn).logits[:, s0:-1]
         kept = learner.model(input_ids=full, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
     assert kept.shape == whole.shape and (kept - whole).abs().max() <= REL_F32 * whole.abs().max()
+
+
+@pytest.mark.parametrize("loss", ["pg", "clip"])
+@pytest.mark.parametrize("share", [False, True])
+def test_token_level_credits_train_what_they_say(session, tiny_model_path, loss, share):
+    """Token-level credits (TrainSequence.token_advantages) equal to a sequence's advantage on
+    every token give that sequence's update; credits on one token only move the weights by the
+    gradient of that token's log-prob term (-(c / n) * d log pi_t): each checked against a
+    per-sequence-advantage update, norm-wise within REL_F32 (module docstring)."""
+    import dataclasses
+
+    cfg = session.cfg
+    items = session.task.items("train", 16, 0)[8:12]
+    seqs = step_algorithm.train_sequences(cfg, step_algorithm.run_rollout_phases(session.engine, session.task, cfg, items, 6).records)
+    seqs = [s for s in seqs if s.advantage != 0][:12]
+    assert seqs and any(s.prefix_len > 0 for s in seqs)
+
+    def delta(batch):
+        torch.manual_seed(0)
+        learner = Learner(tiny_model_path, cfg.lora, cfg.optim, temperature=cfg.rollout.temperature, loss=loss, share_prefix_forward=share)
+        learner.optimizer = torch.optim.SGD([p for p in learner.model.parameters() if p.requires_grad], lr=1.0)
+        before = learner.lora_state()
+        learner.update(batch, len(items), 64)
+        return torch.cat([(learner.lora_state()[k] - before[k]).flatten() for k in before])
+
+    per_sequence = delta(seqs)
+    per_token = delta([dataclasses.replace(s, token_advantages=(s.advantage,) * (len(s.response_ids) - s.prefix_len)) for s in seqs])
+    assert per_sequence.norm() > 0 and (per_token - per_sequence).norm() <= REL_F32 * per_sequence.norm()
+    named = delta([dataclasses.replace(s, loss=loss) for s in seqs])  # the same loss named per sequence
+    assert (named - per_sequence).norm() <= REL_F32 * per_sequence.norm()
+    # credit c on the last trained token only: with pg, -(c / n) log pi_T, i.e. the update of a
+    # one-token sequence whose advantage is c / n at that position
+    s = seqs[0]
+    n = len(s.response_ids) - s.prefix_len
+    only_last = dataclasses.replace(s, token_advantages=(0.0,) * (n - 1) + (2.0,))
+    if loss == "pg":
+        last_token = dataclasses.replace(s, prompt_ids=s.prompt_ids + s.response_ids[:-1], response_ids=s.response_ids[-1:], prefix_len=0, advantage=2.0 / n, old_logprobs=s.old_logprobs[-1:])
+        a, b = delta([only_last]), delta([last_token])
+        assert a.norm() > 0 and (a - b).norm() <= REL_F32 * b.norm()
