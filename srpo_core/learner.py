@@ -26,6 +26,7 @@ process, empty slots included).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,9 +135,7 @@ class Learner:
             for module in base.modules():  # the shared-context passes replay safely (see _PrefixCache)
                 if hasattr(module, "_can_checkpoint_with_cache"):
                     module._can_checkpoint_with_cache = True
-        import inspect
-
-        self._cache_arg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"  # transformers 5 renamed it
         self._layers = base.config.get_text_config().num_hidden_layers
         if adapter_path and not skeleton:
             model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
