@@ -355,7 +355,7 @@ class Learner:
 
 def learner_from_config(cfg, adapter_path: str | None = None) -> Learner:
     """The learner a config describes (model, LoRA, optimizer, loss, rollout temperature)."""
-    from srpo_core.tiny.build import resolve_model_path
+    from srpo_core.runtime import resolve_model_path
 
     return Learner(resolve_model_path(cfg.model.name_or_path), cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, loss=cfg.loss.loss, loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip}, gradient_checkpointing=cfg.train.gradient_checkpointing, adapter_path=adapter_path, share_prefix_forward=cfg.train.share_prefix_forward)
 

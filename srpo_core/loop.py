@@ -53,7 +53,7 @@ class Session:
 def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
     import torch
 
-    from srpo_core.distributed import resolve_processes
+    from srpo_core.fsdp import resolve_processes
     from srpo_core.learner import learner_from_config
     from srpo_core.runtime import build_engine, set_threads
     from srpo_core.tasks import get_task
