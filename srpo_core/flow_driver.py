@@ -159,23 +159,28 @@ def launch_step(plan: Plan, step: int, show_output: bool = True, argv: list[str]
     tags = [f"training_id:{plan.training_id}", f"method:{cfg.method.method}", f"seed:{cfg.train.seed}", f"step:{step}"]
     env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, "USERNAME": os.environ.get("USERNAME", "srpo"), **kubernetes_env(cfg)}
     start = time.perf_counter()
-    with inference_server(cfg) as url:
+    with inference_server(cfg, plan.artifact_root) as (url, token):
         ctx["server_url"] = url
+        if token:  # to the phase steps by environment only: never a parameter or an artifact
+            env["SRPO_SERVER_TOKEN"] = token
+        elif os.environ.get("SRPO_SERVER_TOKEN_FILE"):
+            env["SRPO_SERVER_TOKEN_FILE"] = os.environ["SRPO_SERVER_TOKEN_FILE"]
         return _run_step(plan, step, ctx, tags, env, options, show_output, start)
 
 
 @contextmanager
-def inference_server(cfg: Config):
-    """The server the phase steps call: none (""), a local one for this epoch step ("auto"),
-    or the configured URL."""
+def inference_server(cfg: Config, artifact_root: str):
+    """(URL, bearer token) of the server the phase steps call: none ("", ""), a local one for this
+    epoch step ("auto": a fresh token, adapters only from `artifact_root`), or the configured URL
+    (its token from $SRPO_SERVER_TOKEN, or $SRPO_SERVER_TOKEN_FILE read by the steps)."""
     if cfg.rollout.server_url != "auto":
-        yield cfg.rollout.server_url
+        yield cfg.rollout.server_url, os.environ.get("SRPO_SERVER_TOKEN", "")
         return
     from srpo_core.runtime import resolve_model_path
     from srpo_core.server.launch import start_server
 
-    with start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None) as handle:
-        yield handle.url
+    with start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None, artifact_roots=[artifact_root]) as handle:
+        yield handle.url, handle.token
 
 
 def _run_step(plan: Plan, step: int, ctx: dict, tags: list[str], env: dict, options: dict, show_output: bool, start: float) -> "StepReport":
