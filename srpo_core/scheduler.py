@@ -40,8 +40,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generator
 
+from srpo_core import audit, templates
 from srpo_core import rollouts as R
-from srpo_core import templates
 from srpo_core.engine.base import SamplingParams, ThoughtLimits, ThoughtRequest
 
 
@@ -242,12 +242,15 @@ def _localize_flow(run: _ResetRun, i: int, case: R.SeedCase, salt: int, seen: di
         encode = lctx.engine.encode_chat if lctx.use_chat_template else lctx.engine.encode
         prompt = encode(templates.localization_prompt(lctx.template, case.item.question, case.seed.thoughts))
         (comp,) = yield Complete([prompt], lctx.max_tokens, SamplingParams(temperature=lctx.temperature, seed=lctx.seed), salt, seen)
-        return R.Localization(*R.parse_localization(comp.text, len(case.seed.spans)), len(comp.ids), comp.text)
+        try:
+            return R.Localization(*R.parse_localization(comp.text, len(case.seed.spans)), len(comp.ids), comp.text)
+        except Exception as exc:  # noqa: BLE001 - as rollouts.localize: any localization error -> thought 1
+            return R.Localization(1, R.ERROR_STATUS, raw=f"{type(exc).__name__}: {exc}")
     start = time.perf_counter()
     if run.localizer == "random":  # one RNG per prompt (see the module docstring)
         out = R.Localization(rng.randint(1, len(case.seed.spans)), "random")
-    else:  # oracle (pure) and divergence (one teacher-forced pass): run in place
-        (out,) = R.LOCALIZERS[run.localizer]([case], lctx)
+    else:  # oracle (pure) and divergence (one teacher-forced pass): run in place, errors -> thought 1
+        (out,) = R.localize(run.localizer, [case], lctx)
     run.sync_localization += time.perf_counter() - start
     return out
 
@@ -285,7 +288,7 @@ def _prompt_flow(run: _ResetRun, i: int, salt: int) -> Flow:
         for j in range(n):
             chain = yield Next(handle, 0, j)
             found = len(state.seeds)
-            R.absorb(state, R.verify(ctx.task, state.item, [chain], run.shard.timings), search.spec, search.incorrect_threshold)
+            R.absorb(ctx.task, state, R.verify(ctx.task, state.item, [chain], run.shard.timings, search.score_unfinished), search)
             for k in range(found, len(state.seeds)):
                 seeds[k].set(state.seeds[k].rollout)
         r += 1
@@ -324,3 +327,6 @@ def run_reset_step(ctx, shard, search: R.SeedSearch) -> None:
     shard.fill = run.fills
     shard.locs = [loc for locs in run.locs for loc in locs]
     shard.suffixes = [group for groups in run.suffixes for group in groups]
+    start = time.perf_counter()  # the localization audit's verdicts, over the shard's seeds as the batched path does
+    shard.locs = audit.judge_seeds(R.seed_cases(shard.states), shard.locs, cfg, ctx.task, ctx.seed("localize"))
+    shard.timings["audit"] = shard.timings.get("audit", 0.0) + time.perf_counter() - start
