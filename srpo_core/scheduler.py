@@ -8,6 +8,17 @@ The batched path (srpo_core/methods/resets.py's phases) runs three sequential ba
 each waiting for its slowest prompt; here a prompt whose seed search ends early is localized and
 its suffixes sampled while slower prompts still search, so the batch stays full.
 
+What it buys, measured (bench/method_overhead.py): on the tiny preset on CPU, nothing; it is a
+little slower than the batched phases (SRPO/GRPO generation 1.55x vs 1.46x in one run). Both are
+bound by the same critical path, the slowest prompt's seed chain -> its localization -> its
+suffixes: on the synthetic task every chain of a prompt has about the same length, so the prompt
+that is slowest in the seed search is also the last to be localized and the slowest in its
+suffixes, and the sum of the batched phases' lengths equals that path (same decode-step count,
+288 for 3 steps, either way). Rows that join late then cost extra prefills and either padding or
+forwards of their own (cohorts, engine/hf.py). The overlap pays where prompts differ in how many
+seed-search rounds they need (a stronger policy: fewer decode steps, 432 vs 630 at temperature
+0.4 in one measurement), which the batched path runs as whole extra phases.
+
 A prompt's work is a generator (a "flow") that yields operations and receives their results:
 
     Sample(requests, limits, sampling, salt)   -> list[list[Rollout]]  (one list per request)
