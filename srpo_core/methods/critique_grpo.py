@@ -29,7 +29,7 @@ from srpo_core import templates
 from srpo_core.engine.base import ThoughtRequest
 from srpo_core.methods import register
 from srpo_core.methods.base import Method, Variant, records_to_shard
-from srpo_core.methods.score import LossVariant
+from srpo_core.methods.score import LossVariant, paired_template
 from srpo_core.tasks.base import is_incorrect
 
 CRITIQUES = {True: "The generated solution is correct.", False: "The generated solution is incorrect."}
@@ -40,7 +40,7 @@ _FIELD = re.compile(r"\{(question|failed_solution|critique)\}")
 class CritiqueOptions:
     gamma: float = 0.1  # f(p) = p / (p + gamma) on refinement tokens
     entropy_coef: float = 0.001
-    refinement_template: str = "critique_refinement_v1"
+    refinement_template: str = ""  # "": critique_refinement_v1, tiny_critique_refinement_v1 with a tiny_ rollout template
     refinement_context: str = "refinement"  # "refinement": trained after its own prompt; "question": after the question-only prompt (the authors')
 
     def __post_init__(self):
@@ -53,7 +53,7 @@ class CritiqueOptions:
         if self.refinement_context not in ("refinement", "question"):
             raise ConfigError("method.options.refinement_context: refinement|question")
         try:
-            templates.load_template(self.refinement_template)
+            self.refinement_template and templates.load_template(self.refinement_template)
         except FileNotFoundError as exc:
             raise ConfigError(f"method.options.refinement_template: {exc}") from None
 
@@ -102,11 +102,12 @@ class CritiqueGRPO(Method):
     def suffix(self, ctx, shard) -> None:
         start = time.perf_counter()
         opts = ctx.cfg.method.parsed_options
+        template = paired_template(ctx.cfg, opts.refinement_template, "critique_refinement_v1")
         requests = []
         for state in shard.states:
             for a in state.base:
                 critique = CRITIQUES[not is_incorrect(ctx.task, state.item, a.reward)]
-                requests.append(ThoughtRequest(tuple(ctx.policy.encode(refinement_prompt(opts.refinement_template, state.item.question, a.rollout.text, critique))), n=1))
+                requests.append(ThoughtRequest(tuple(ctx.policy.encode(refinement_prompt(template, state.item.question, a.rollout.text, critique))), n=1))
         out = ctx.policy.generate_thoughts(requests, ctx.limits, ctx.sampling("suffix")) if requests else []
         shard.suffixes, k = [], 0
         for state in shard.states:

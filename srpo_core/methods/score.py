@@ -46,7 +46,7 @@ class ScoreOptions:
     stage1_steps: int = 0  # epoch steps of stage I before stage II (the authors ran stage II only)
     kl_coef: float = 0.01  # KL to the reference subtracted from every reward
     kl_coef_stage1_first: float = 0.1  # the stronger KL on y1 in stage I
-    instruction_template: str = "score_instruction_v1"  # appended after y1 (templates/, or a .txt path)
+    instruction_template: str = ""  # appended after y1 (templates/ or a .txt path); "": score_instruction_v1, tiny_score_instruction_v1 with a tiny_ rollout template
 
     def __post_init__(self):
         from srpo_core.config import ConfigError
@@ -58,9 +58,23 @@ class ScoreOptions:
         if self.kl_coef < 0 or self.kl_coef_stage1_first < 0:
             raise ConfigError("method.options.kl_coef, kl_coef_stage1_first: must be >= 0")
         try:
-            templates.load_template(self.instruction_template)
+            self.instruction_template and templates.load_template(self.instruction_template)
         except FileNotFoundError as exc:
             raise ConfigError(f"method.options.instruction_template: {exc}") from None
+
+
+def tiny_scale(cfg) -> bool:
+    """Whether the config samples with a tiny_ rollout template (the embedded default): the
+    baselines' scale-paired defaults (templates, segment length) follow it, as the localization
+    template does in the tiny preset."""
+    from pathlib import Path
+
+    return Path(cfg.rollout.template).name.startswith("tiny_")
+
+
+def paired_template(cfg, name: str, default: str) -> str:
+    """`name`, else `default` (with a tiny_ prefix at tiny scale)."""
+    return name or (f"tiny_{default}" if tiny_scale(cfg) else default)
 
 
 def stage_of(step: int, options: ScoreOptions) -> int:
@@ -113,7 +127,8 @@ class Score(Method):
         requests, where = [], []
         for i, state in enumerate(shard.states):
             for j in with_second(state):
-                requests.append(ThoughtRequest(tuple(second_attempt_prompt(ctx.policy, state.prompt_ids, state.base[j].rollout, state.item.question, opts.instruction_template)), n=1))
+                instruction = paired_template(ctx.cfg, opts.instruction_template, "score_instruction_v1")
+                requests.append(ThoughtRequest(tuple(second_attempt_prompt(ctx.policy, state.prompt_ids, state.base[j].rollout, state.item.question, instruction)), n=1))
                 where.append(i)
         out = ctx.policy.generate_thoughts(requests, ctx.limits, ctx.sampling("suffix")) if requests else []
         shard.suffixes = [[] for _ in shard.states]
@@ -167,7 +182,7 @@ def second_attempt_accuracy(engine, task, items, cfg, instruction_template: str 
     from srpo_core.shard import limits_of
 
     if instruction_template is None:
-        instruction_template = cfg.method.parsed_options.instruction_template if cfg.method.method == "score" else ScoreOptions.instruction_template
+        instruction_template = paired_template(cfg, cfg.method.parsed_options.instruction_template if cfg.method.method == "score" else "", "score_instruction_v1")
     greedy = SamplingParams(temperature=0.0)
     prompts = [fit_prompt(engine, cfg, it).ids for it in items]
     kept = [i for i, p in enumerate(prompts) if p is not None]

@@ -37,16 +37,18 @@ from srpo_core import rollouts as R
 from srpo_core.engine.base import Completion, Rollout, ThoughtLimits, ThoughtRequest
 from srpo_core.methods import register
 from srpo_core.methods.base import Method, Variant, records_to_shard
-from srpo_core.methods.score import LossVariant
+from srpo_core.methods.score import LossVariant, tiny_scale
 
 BOXED = "\\boxed{"
+SEGMENT_TOKENS = 600  # the authors' M
+TINY_SEGMENT_TOKENS = 8
 OPEN = "segment"  # finish_reason of a segment the leaves continue
 
 
 @dataclass(frozen=True)
 class SpoTreeOptions:
     shape: tuple[int, int] = (2, 4)  # (segments per prompt, leaves per segment)
-    segment_tokens: int = 600  # depth-1 segment length in tokens (thought stops removed)
+    segment_tokens: int = 0  # depth-1 segment length in tokens (thought stops removed); 0: 600, or 8 with a tiny_ rollout template (tiny chains have ~40-60 tokens)
     segment_thoughts: int = 0  # > 0: cut segments after this many thoughts instead
     prob_mask: bool = True  # train only tokens with pi_old < prob_threshold, rescaled to a mean over them
     prob_threshold: float = 0.9
@@ -56,8 +58,8 @@ class SpoTreeOptions:
 
         if len(self.shape) != 2 or min(self.shape) < 1:
             raise ConfigError("method.options.shape: two positive integers (segments per prompt, leaves per segment); deeper trees are not implemented")
-        if self.segment_tokens < 1:
-            raise ConfigError("method.options.segment_tokens: must be >= 1")
+        if self.segment_tokens < 0:
+            raise ConfigError("method.options.segment_tokens: must be >= 0 (0: the scale's default)")
         if self.segment_thoughts < 0:
             raise ConfigError("method.options.segment_thoughts: must be >= 0 (0: cut by segment_tokens)")
         if not 0 < self.prob_threshold <= 1:
@@ -177,7 +179,8 @@ class SpoTree(Method):
             open_at = opts.segment_thoughts < limits.max_thoughts
             segments = [[dataclasses.replace(r, finish_reason=OPEN) if open_at and r.finish_reason == "max_thoughts" else r for r in rs] for rs in out]
         else:
-            comps = ctx.policy.complete([list(s.prompt_ids) for s in shard.states for _ in range(k)], opts.segment_tokens, sampling)
+            length = opts.segment_tokens or (TINY_SEGMENT_TOKENS if tiny_scale(ctx.cfg) else SEGMENT_TOKENS)
+            comps = ctx.policy.complete([list(s.prompt_ids) for s in shard.states for _ in range(k)], length, sampling)
             segments = [[segment_from_completion(ctx.policy, s.prompt_ids, c, limits) for c in comps[i * k : (i + 1) * k]] for i, s in enumerate(shard.states)]
         shard.extra["segments"] = [[dataclasses.asdict(r) for r in rs] for rs in segments]
         for s in shard.states:
