@@ -103,3 +103,102 @@ def gradient_signal(advantages: torch.Tensor, token_probs: torch.Tensor, mask: t
     t_i = mask.sum(-1).clamp(min=1.0)  # [N]
     per_token = advantages.abs()[:, None] / t_i[:, None] * (1 - token_probs)  # [N, T]
     return sequence_mean(per_token, mask)
+
+
+# ---- the table-3 baselines (srpo_core/methods/score.py, critique_grpo.py, spo_tree.py) ----------
+
+
+def score_shaped_rewards(r1: torch.Tensor, r2: torch.Tensor, alpha: float, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCoRe's trained rewards of its pairs (y1, y2). r1, r2 [P] -> (reward of y1 [P], of y2 [P]).
+    Stage II: y1 gets R(y1), y2 gets R(y2) + alpha (R(y2) - R(y1)) (the bonus for correcting).
+    Stage I: y1 gets 0 (it is only held near the reference by the stronger KL), y2 gets R(y2)."""
+    if stage not in (1, 2):
+        raise ValueError(f"score_shaped_rewards: stage must be 1 or 2, got {stage}")
+    if stage == 1:
+        return torch.zeros_like(r1), r2.clone()
+    return r1.clone(), r2 + alpha * (r2 - r1)
+
+
+def mean_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Critique-GRPO's advantage: reward minus its group's mean, no std. rewards [N], group_ids
+    [N] long in 0..K-1 -> [N]."""
+    k = int(group_ids.max()) + 1 if group_ids.numel() else 0
+    count = torch.zeros(k, dtype=rewards.dtype, device=rewards.device).index_add_(0, group_ids, torch.ones_like(rewards))  # [K]
+    mean = torch.zeros_like(count).index_add_(0, group_ids, rewards) / count.clamp(min=1)  # [K]
+    return rewards - mean[group_ids]
+
+
+def refinement_shaping(probs: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Critique-GRPO's (and LUFFY's) policy shaping f(p) = p / (p + gamma), elementwise; its
+    derivative gamma / (p + gamma)^2 weighs rare tokens of a refinement up."""
+    return probs / (probs + gamma)
+
+
+def _entropy_surrogate(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence surrogate whose gradient is the score-function estimate of the gradient of the
+    mean token entropy: for y ~ pi, grad H = -E[log pi(y) grad log pi(y)] = grad E[-(log pi(y))^2 / 2]
+    (the sampled tokens held fixed). Exact in expectation for tokens sampled from the policy in
+    the context they are trained in; needs no logits beyond the sampled tokens'. [N, T] -> [N]."""
+    return sequence_mean(-0.5 * logprobs**2, mask)
+
+
+def critique_onpolicy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, entropy_coef: float = 0.001, **_: float) -> torch.Tensor:
+    """Critique-GRPO on its own chains: -mean_t A exp(log pi - log pi_old) (the unclipped ratio)
+    minus entropy_coef times the entropy surrogate. logprobs, old_logprobs [N, T], advantages [N]
+    or [N, T], mask [N, T] -> [N]."""
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]  # [N, T] or [N, 1]
+    ratio = torch.exp(logprobs - old_logprobs)  # [N, T]
+    return -sequence_mean(adv * ratio, mask) - entropy_coef * _entropy_surrogate(logprobs, mask)
+
+
+def critique_refinement_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, gamma: float = 0.1, entropy_coef: float = 0.001, **_: float
+) -> torch.Tensor:
+    """Critique-GRPO on the refinement in the buffer: -mean_t A f(pi) with f(p) = p / (p + gamma)
+    (no ratio: the refinement is treated as off-policy), minus the entropy term. Shapes as
+    critique_onpolicy_loss."""
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    shaped = refinement_shaping(torch.exp(logprobs), gamma)  # [N, T]
+    return -sequence_mean(adv * shaped, mask) - entropy_coef * _entropy_surrogate(logprobs, mask)
+
+
+LOSSES["critique"] = critique_onpolicy_loss
+LOSSES["critique_refinement"] = critique_refinement_loss
+
+
+def tree_values(leaf_rewards: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """SPO-Tree node values: leaf = its reward, interior node = the mean of its leaves.
+    leaf_rewards [prod(shape)] in depth-first order -> values per depth d = 1..len(shape), each
+    [prod(shape[:d])] (the last one the leaves themselves)."""
+    n = 1
+    for k in shape:
+        n *= k
+    if leaf_rewards.numel() != n:
+        raise ValueError(f"tree_values: {leaf_rewards.numel()} leaves for shape {shape} (need {n})")
+    out, width = [], 1
+    for k in shape:
+        width *= k
+        out.append(leaf_rewards.reshape(width, -1).mean(-1))  # [width]: mean over each node's leaves
+    return out
+
+
+def tree_advantages(leaf_rewards: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """SPO-Tree node advantages: a node's value minus the mean value of its siblings (itself
+    included), no std. With shape (2, 4): depth-1 nodes get (V_a - V_b) / 2 and -(V_a - V_b) / 2,
+    leaves R - the mean of their 4 siblings. Same layout as tree_values."""
+    out = []
+    for d, values in enumerate(tree_values(leaf_rewards, shape)):
+        sib = values.reshape(-1, shape[d])  # [parents, k]
+        out.append((sib - sib.mean(-1, keepdim=True)).reshape(-1))
+    return out
+
+
+def probability_mask_credits(credits: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
+    """SPO's token mask: only tokens with pi_old < threshold are trained, and a sequence's kept
+    tokens are rescaled so its loss is a mean over them (T_i / kept_i on a loss that averages over
+    all T_i active tokens; a positive scale commutes with the PPO clip). credits, old_logprobs,
+    mask [N, T] -> [N, T] (a sequence with no kept token gets 0)."""
+    keep = (old_logprobs.exp() < threshold).to(credits.dtype) * mask  # [N, T]
+    kept = keep.sum(-1, keepdim=True)  # [N, 1]
+    scale = torch.where(kept > 0, mask.sum(-1, keepdim=True) / kept.clamp(min=1), torch.zeros_like(kept))
+    return credits * keep * scale

@@ -36,6 +36,7 @@ from srpo_core import algos
 from srpo_core import fsdp as D
 from srpo_core.runtime import load_model, load_tokenizer, torch_dtype
 
+REFERENCE_MICRO_SEQUENCES = 8  # sequences per no-grad forward of the reference policy (reference_logprobs)
 LOGPROB_CHUNK_TOKENS = 1024  # algos.token_logprobs: the float32 softmax of ~1k tokens at a time (docs/memory.md)
 
 
@@ -49,6 +50,8 @@ class TrainSequence:
     prompt_index: int  # which prompt of the step (mini-batches are formed over prompts)
     token_advantages: tuple[float, ...] | None = None  # token-level credits of the trained tokens (len = response - prefix); None: `advantage` on every token
     loss: str = ""  # an algos.LOSSES name for this sequence ("": the learner's configured loss)
+    loss_kwargs: tuple[tuple[str, float], ...] = ()  # keyword arguments of its loss over the configured ones (e.g. Critique-GRPO's gamma)
+    kl_coef: float = 0.0  # > 0: `advantage` is reduced by kl_coef * mean_t (log pi_old - log pi_ref) before the update (reference_kl_advantages)
 
     @property
     def has_signal(self) -> bool:
@@ -244,7 +247,7 @@ class Learner:
     def _loss(self, micro: list[TrainSequence], logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, shared: bool) -> torch.Tensor:
         """Per-sequence losses [M]: each sequence's loss (its own `loss`, else the configured one)
         on its advantage, or on its token-level credits placed at its trained positions."""
-        if all(s.token_advantages is None and not s.loss for s in micro):  # the common case: one loss, one advantage per sequence
+        if all(s.token_advantages is None and not s.loss and not s.loss_kwargs for s in micro):  # the common case: one loss, one advantage per sequence
             return self.loss_fn(logp, old, torch.tensor([s.advantage for s in micro], device=logp.device), mask, **self.loss_kwargs)
         adv = torch.zeros_like(logp)  # [M, T]: credits in the log-probs' coordinates
         for i, s in enumerate(micro):
@@ -253,10 +256,10 @@ class Learner:
             values = torch.tensor(s.token_advantages, dtype=logp.dtype) if s.token_advantages is not None else torch.full((n,), s.advantage, dtype=logp.dtype)
             adv[i, start : start + n] = values[: adv.shape[1] - start].to(logp.device)
         out = torch.zeros(len(micro), dtype=logp.dtype, device=logp.device)
-        for name in dict.fromkeys(s.loss for s in micro):
-            rows = torch.tensor([i for i, s in enumerate(micro) if s.loss == name], device=logp.device)
+        for name, kwargs in dict.fromkeys((s.loss, s.loss_kwargs) for s in micro):
+            rows = torch.tensor([i for i, s in enumerate(micro) if (s.loss, s.loss_kwargs) == (name, kwargs)], device=logp.device)
             fn = algos.LOSSES[name] if name else self.loss_fn
-            out = out.index_copy(0, rows, fn(logp[rows], old[rows], adv[rows], mask[rows], **self.loss_kwargs))
+            out = out.index_copy(0, rows, fn(logp[rows], old[rows], adv[rows], mask[rows], **{**self.loss_kwargs, **dict(kwargs)}))
         return out
 
     def update(self, seqs: list[TrainSequence], mini_batch_prompts: int, micro_batch_sequences: int, update_epochs: int = 1, micro_batch_tokens: int = 0) -> dict[str, float]:
@@ -264,6 +267,7 @@ class Learner:
         mini-batch whose advantages are all zero too: its gradient is zero, momentum and weight
         decay still move the weights). Under a process group every process gets all `seqs` and
         trains on its share."""
+        seqs, kl_metrics = self.reference_kl_advantages(seqs)
         self.model.train()
         prompts = sorted({s.prompt_index for s in seqs})
         minis = [set(prompts[i : i + mini_batch_prompts]) for i in range(0, len(prompts), mini_batch_prompts)]
@@ -318,7 +322,46 @@ class Learner:
             "learner/forward_tokens": forwarded,
             "learner/sequences": float(len(seqs)),
             "learner/lr": lr,
+            **kl_metrics,
         }
+
+    @torch.no_grad()
+    def reference_logprobs(self, seqs: list[TrainSequence]) -> list[list[float]]:
+        """Log-probs of each sequence's trained tokens under the reference policy: the base model
+        with the LoRA adapter disabled (peft's `disable_adapter()`, no second copy of the model),
+        at the rollout temperature. Under FSDP every process runs the same forwards (all see all
+        sequences)."""
+        if not seqs:
+            return []
+        self.model.eval()
+        out: list[list[float]] = []
+        with self.model.disable_adapter():
+            for i in range(0, len(seqs), REFERENCE_MICRO_SEQUENCES):
+                micro = seqs[i : i + REFERENCE_MICRO_SEQUENCES]
+                logp, _, mask = self._plain_logprobs(micro)  # [M, K-1]
+                for row, s in enumerate(micro):
+                    start = len(s.prompt_ids) + s.prefix_len - 1 - min(len(x.prompt_ids) + x.prefix_len - 1 for x in micro)
+                    out.append(logp[row, start : start + len(s.response_ids) - s.prefix_len].float().cpu().tolist())
+        return out
+
+    def reference_kl_advantages(self, seqs: list[TrainSequence]) -> tuple[list[TrainSequence], dict[str, float]]:
+        """SCoRe's KL to the reference, subtracted from the reward (hence from its advantage: SCoRe
+        has no baseline): A_i <- A_i - kl_coef_i * (1/T_i) sum_t (log pi_old - log pi_ref), over
+        the sequences with kl_coef > 0 (the others unchanged). Returns the sequences and
+        `learner/kl_ref_mean` (the mean per-token estimate) when any was penalised."""
+        import dataclasses
+
+        idx = [i for i, s in enumerate(seqs) if s.kl_coef > 0]
+        if not idx:
+            return seqs, {}
+        ref = self.reference_logprobs([seqs[i] for i in idx])
+        out, kls = list(seqs), []
+        for i, r in zip(idx, ref):
+            s = seqs[i]
+            kl = sum(o - q for o, q in zip(s.old_logprobs, r)) / max(len(r), 1)
+            kls.append(kl)
+            out[i] = dataclasses.replace(s, advantage=s.advantage - s.kl_coef * kl)
+        return out, {"learner/kl_ref_mean": sum(kls) / len(kls)}
 
     def save_adapter(self, path: str | Path) -> Path:
         """peft's adapter directory (rank 0 writes it; every process must call this under FSDP)."""

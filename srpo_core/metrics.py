@@ -122,8 +122,9 @@ def step_metrics(records: list[R.Record], states: list[R.PromptState], task: Tas
     # tokens/trained: what the update learns from; tokens/generated: every chain the policy sampled
     # (trained + seeds + dropped); localization answers are apart (tokens/localization), and an
     # audit judge model's tokens are not the policy's and not counted
-    m["tokens/trained"] = float(sum(r.rollout.generated_tokens for r in records if r.trainable))
-    gen_tokens = m["tokens/trained"] + sum(r.rollout.generated_tokens for r in records if not r.trainable) + m["tokens/dropped"]
+    # (a record's trained tokens may differ from its generated ones: SPO-Tree trains a shared segment in each of its leaves)
+    m["tokens/trained"] = float(sum(r.trained_tokens for r in records))
+    gen_tokens = sum(r.rollout.generated_tokens for r in records) + m["tokens/dropped"]
     gen_time = timings.get("generation", 0.0) + timings.get("suffix", 0.0)
     m["tokens/generated"] = float(gen_tokens)
     m["generation/tokens_per_s"] = gen_tokens / gen_time if gen_time > 0 else float("nan")

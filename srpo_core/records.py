@@ -31,6 +31,12 @@ def record_dict(rec: R.Record, step: int, split: str, localizer: str) -> dict:
         "advantage": rec.advantage,
         "steps_valid": rec.steps_valid,
         "adapter_version": rec.rollout.adapter_version,
+        "role": rec.role,
+        "node": rec.node,
+        "trained": rec.trainable,
+        "trained_reward": rec.reward if rec.trained_reward is None else rec.trained_reward,
+        "generated_tokens": rec.rollout.generated_tokens,
+        "trained_tokens": rec.trained_tokens,
     }
 
 

@@ -103,10 +103,25 @@ class Record:
     steps_valid: bool | None = None
     judge_first_error: int | None = None  # seed and its suffixes: the audit judge's first wrong thought of the seed
     judge_status: str | None = None
+    # the table-3 baselines (srpo_core/methods/score.py, critique_grpo.py, spo_tree.py); None/defaults elsewhere
+    role: str | None = None  # attempt1 | attempt2 (SCoRe), original | refinement (Critique-GRPO), segment | leaf (SPO-Tree)
+    node: str | None = None  # its place in the method's structure: SCoRe pair j, Critique-GRPO chain j, SPO-Tree segment j or leaf j.k
+    trained_reward: float | None = None  # the reward the update uses (SCoRe's shaped reward); None: `reward`
+    trained: bool = True  # False: generated but not trained on (Critique-GRPO's other refinements, SPO-Tree's segments, trained inside their leaves)
+    trains_prefix: bool = False  # its prefix tokens are trained too (SPO-Tree leaves: the shared segment)
+    kl_coef: float = 0.0  # SCoRe: coefficient of the KL to the reference subtracted from its reward in the learner
+    token_advantages: list[float] | None = None  # token-level credits of its trained tokens (SPO-Tree), set with `advantage`
 
     @property
     def trainable(self) -> bool:
-        return self.group != "seed"
+        return self.group != "seed" and self.trained
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens the update learns from in this record (0 if it is not trained on)."""
+        if not self.trainable:
+            return 0
+        return len(self.rollout.response_ids) if self.trains_prefix else self.rollout.generated_tokens
 
 
 # ---- seed search and the base group -------------------------------------------------------------

@@ -111,5 +111,9 @@ def run_rollout_phases(engine: RolloutEngine, task: Task, cfg: Config, items: li
 
 
 def train_sequences(cfg: Config, records: list[R.Record]) -> list:
-    """The learner's sequences of the step's records (what the method trains on)."""
-    return cfg.method.spec.train_sequences(records)
+    """The learner's sequences of the step's records (what the method trains on); a method with
+    `trains_with_options` also gets its `method.options`."""
+    spec = cfg.method.spec
+    if getattr(spec, "trains_with_options", False):
+        return spec.train_sequences(records, cfg.method.parsed_options)
+    return spec.train_sequences(records)
