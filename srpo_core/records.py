@@ -31,6 +31,8 @@ def record_dict(rec: R.Record, step: int, split: str, localizer: str) -> dict:
         "advantage": rec.advantage,
         "steps_valid": rec.steps_valid,
         "adapter_version": rec.rollout.adapter_version,
+        "thought_credits": rec.thought_credits,
+        "boundary_pk": rec.boundary_pk,
     }
 
 

@@ -103,6 +103,8 @@ class Record:
     steps_valid: bool | None = None
     judge_first_error: int | None = None  # seed and its suffixes: the audit judge's first wrong thought of the seed
     judge_status: str | None = None
+    thought_credits: list[float] | None = None  # srppo: the credit of each thought (sums to reward - boundary_pk[0])
+    boundary_pk: list[float] | None = None  # srppo: the critic's Pass@k at the thought boundaries 0..H (0: the prompt)
 
     @property
     def trainable(self) -> bool:
