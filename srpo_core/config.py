@@ -110,7 +110,7 @@ class MethodConfig:
         _require(self.method in METHODS, "method.method", f"one of {METHODS}")
         _require(self.split in SPLITS, "method.split", f"one of {SPLITS}")
         _require(self.resolved_localizer in LOCALIZERS, "method.localizer", f"one of {LOCALIZERS}")
-        _require(self.rollouts_per_prompt > 1, "method.rollouts_per_prompt", "must be > 1")
+        _require(self.rollouts_per_prompt > 0, "method.rollouts_per_prompt", "must be > 0 (a method may ask more: grpo and the reset methods need > 1)")
         _require(self.seed_search_budget >= 1, "method.seed_search_budget", "must be >= 1")
         _require(self.localization_max_tokens > 0, "method.localization_max_tokens", "must be > 0")
         _require(self.incorrect_threshold is None or 0 <= self.incorrect_threshold < 1, "method.incorrect_threshold", "null (the task's rule) or a number in [0, 1)")

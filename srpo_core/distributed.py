@@ -34,7 +34,8 @@ from srpo_core.fsdp import init_from_env, peak_memory, resolve_processes, world
 
 def update_and_save(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed: int, canary_path: Path | None = None) -> dict[str, float]:
     """Load the learner (from `parent_dir`'s adapter and optimizer if given), one training step,
-    save `out_dir/adapter` and `out_dir/optimizer.pt`; with `canary_path`, the learner's scores of
+    save `out_dir/adapter` and `out_dir/optimizer.pt` (and the method's learner-side state, e.g.
+srppo's `out_dir/critic/`, loaded from `parent_dir` by the method's `prepare_update`); with `canary_path`, the learner's scores of
     the canary sequence for the inference server's weight-sync check. Runs on every process."""
     import time
 
@@ -46,12 +47,16 @@ def update_and_save(cfg, sequences, parent_dir: Path | None, out_dir: Path, seed
     learner = learner_from_config(cfg, str(parent_dir / "adapter") if parent_dir else None)
     if parent_dir is not None:
         learner.load_optimizer(parent_dir / "optimizer.pt")
+    method = cfg.method.spec
+    sequences, extra = method.prepare_update(learner, cfg, sequences, parent_dir)  # e.g. srppo: critic values, credits, the critic's update
     metrics = learner.update(sequences, cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens)
+    metrics.update(extra)
     metrics["time/learner"] = time.perf_counter() - start
     metrics["learner/processes"] = float(world()[1])
     metrics.update(peak_memory())
     learner.save_adapter(out_dir / "adapter")
     learner.save_optimizer(out_dir / "optimizer.pt")
+    method.save_update_state(learner, out_dir)  # e.g. srppo: critic/ (weights, optimizer, credit rows) beside adapter/
     if canary_path is not None:
         ref = canary_reference(learner)
         if world()[0] == 0:
@@ -118,7 +123,7 @@ def _record(fn):
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point, one per process under torchrun: `python -m srpo_core.distributed REQUEST.json`."""
     from srpo_core.config import from_dict
-    from srpo_core.learner import TrainSequence
+    from srpo_core.methods.srppo import sequence_from_dict
     from srpo_core.runtime import set_threads
 
     (path,) = argv if argv is not None else sys.argv[1:]
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(cfg)
     init_from_env()
     try:
-        seqs = [TrainSequence(**s) for s in req["sequences"]]
+        seqs = [sequence_from_dict(s) for s in req["sequences"]]
         parent = Path(req["parent_dir"]) if req["parent_dir"] else None
         canary = Path(req["canary_path"]) if req["canary_path"] else None
         metrics = update_and_save(cfg, seqs, parent, Path(req["out_dir"]), req["seed"], canary)

@@ -200,6 +200,7 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         out = work / "out"
         canary = work / "canary.json" if ctx.server_url else None
         metrics.update(learn(cfg, step.train_sequences(cfg, result.records), parent_dir, out, cfg.train.seed + ctx.step, canary_path=canary))
+        cfg.method.spec.finish_records(result.records, checkpoint_dir=out)  # e.g. srppo: credits and P_k from out/critic/
         write_records(out / "rollouts.jsonl", result.records, ctx.step, cfg)
         from srpo_core.server.app import adapter_sha256
 

@@ -437,3 +437,33 @@ def plan_micro_batches(lengths: list[int], world: int, max_sequences: int, max_t
     per_rank = -(-len(micros) // world) if micros else 0
     plan = [micros[r::world] for r in range(world)]
     return [p + [[] for _ in range(per_rank - len(p))] for p in plan]
+
+
+def last_hidden_states(learner: Learner, seqs: list[TrainSequence], micro_batch_sequences: int) -> list[torch.Tensor]:
+    """Features of a critic (srpo_core/critic.py): the policy's last hidden state at each boundary
+    of each sequence's response, without gradient, float32 on the CPU. The boundary t = 0..T (after
+    the prompt and t response tokens) is the hidden state of position len(prompt) + t - 1, which
+    has seen exactly those tokens. -> [T_i + 1, width] per sequence. Under FSDP every process runs
+    the same forwards (all of `seqs`)."""
+    was_training = learner.model.training
+    learner.model.eval()
+    pad = learner.tokenizer.pad_token_id
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), max(micro_batch_sequences, 1)):
+            chunk = seqs[i : i + max(micro_batch_sequences, 1)]
+            width = max(len(s.prompt_ids) + len(s.response_ids) for s in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, s in enumerate(chunk):
+                full = s.prompt_ids + s.response_ids
+                ids[r, : len(full)] = torch.tensor(full)
+                attn[r, : len(full)] = 1
+            out_ = learner.model(input_ids=ids.to(learner.device), attention_mask=attn.to(learner.device), output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            hidden = out_.hidden_states[-1]  # [M, L, width]
+            for r, s in enumerate(chunk):
+                p = len(s.prompt_ids)
+                out.append(hidden[r, p - 1 : p + len(s.response_ids)].float().cpu())
+    if was_training:
+        learner.model.train()
+    return out

@@ -81,7 +81,11 @@ def train_step(session: Session, items, step_index: int, out_dir: Path | None = 
     start = time.perf_counter()
     result = step.run_rollout_phases(session.engine, session.task, cfg, items, step_index)
     t = time.perf_counter()
-    result.metrics.update(session.learner.update(step.train_sequences(cfg, result.records), cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens))
+    method = cfg.method.spec
+    seqs, extra = method.prepare_update(session.learner, cfg, step.train_sequences(cfg, result.records))  # e.g. srppo's critic and credits
+    result.metrics.update(session.learner.update(seqs, cfg.train.mini_batch_prompts, cfg.train.micro_batch_sequences, cfg.train.update_epochs, micro_batch_tokens=cfg.train.micro_batch_tokens))
+    result.metrics.update(extra)
+    method.finish_records(result.records, learner=session.learner)
     result.timings["learner"] = time.perf_counter() - t
     session.sync_policy(policy_version(step_index))
     result.timings["step"] = time.perf_counter() - start
@@ -134,6 +138,7 @@ def train(cfg: Config, out_dir: Path, max_steps: int | None = None, progress: bo
         bar.set_postfix(reward=f"{result.metrics.get('reward/base/mean', float('nan')):.2f}", sp=f"{result.metrics.get('reward/shared_prefix/mean', float('nan')):.2f}")
     after = evaluate(session.engine, session.task, test_items, cfg, progress=progress)
     session.learner.save_adapter(out_dir / "adapter")
+    cfg.method.spec.save_update_state(session.learner, out_dir)
     summary = TrainSummary(cfg.method.method, len(history), before.accuracy, after.accuracy, time.perf_counter() - t0, history)
     (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.__dict__.items() if k != "history"}, indent=2))
     return summary

@@ -37,6 +37,8 @@ def record_dict(rec: R.Record, step: int, split: str, localizer: str) -> dict:
         "trained_reward": rec.reward if rec.trained_reward is None else rec.trained_reward,
         "generated_tokens": rec.rollout.generated_tokens,
         "trained_tokens": rec.trained_tokens,
+        "thought_credits": rec.thought_credits,
+        "boundary_pk": rec.boundary_pk,
     }
 
 

@@ -111,6 +111,8 @@ class Record:
     trains_prefix: bool = False  # its prefix tokens are trained too (SPO-Tree leaves: the shared segment)
     kl_coef: float = 0.0  # SCoRe: coefficient of the KL to the reference subtracted from its reward in the learner
     token_advantages: list[float] | None = None  # token-level credits of its trained tokens (SPO-Tree), set with `advantage`
+    thought_credits: list[float] | None = None  # srppo: the credit of each thought (sums to reward - boundary_pk[0])
+    boundary_pk: list[float] | None = None  # srppo: the critic's Pass@k at the thought boundaries 0..H (0: the prompt)
 
     @property
     def trainable(self) -> bool:

@@ -30,7 +30,7 @@ from __future__ import annotations
 from srpo_core.methods.base import Method, Variant  # noqa: F401  (the interface a method implements)
 
 REGISTRY: dict[str, Method] = {}
-BUILTIN = ("grpo", "resets", "score", "critique_grpo", "spo_tree")  # modules of srpo_core.methods that register the built-in methods
+BUILTIN = ("grpo", "resets", "score", "critique_grpo", "spo_tree", "srppo")  # modules of srpo_core.methods that register the built-in methods
 
 
 def register(method: Method) -> Method:

@@ -104,6 +104,21 @@ class Method:
         index = {pid: i for i, pid in enumerate(dict.fromkeys(r.item.id for r in records))}
         return [TrainSequence(r.rollout.prompt_ids, r.rollout.response_ids, r.rollout.prefix_len, r.advantage, r.rollout.logprobs, index[r.item.id]) for r in records if r.trainable]
 
+    # ---- where the learner holds the model (credits from a critic; default: nothing) ------------
+    def prepare_update(self, learner, cfg, seqs: list, parent_dir=None) -> tuple[list, dict[str, float]]:
+        """Called by the learner step before `Learner.update` (plain loop: srpo_core/loop.py; flow:
+        srpo_core/distributed.update_and_save, on every learner process), with the learner of the
+        policy that sampled the step and, in the flow, the parent checkpoint's directory: the
+        sequences to train on and the step's extra metrics."""
+        return seqs, {}
+
+    def save_update_state(self, learner, out_dir) -> None:
+        """Write the method's learner-side state beside `out_dir/adapter` (the step checkpoint)."""
+
+    def finish_records(self, records: list[R.Record], learner=None, checkpoint_dir=None) -> None:
+        """Fill the records' fields that the update computed (from the in-memory learner, or the
+        step checkpoint's directory when the update ran in other processes)."""
+
 
 def records_to_shard(shard: "Shard", records: list[R.Record]) -> None:
     shard.records = [dataclasses.asdict(r) for r in records]

@@ -19,6 +19,9 @@ class GRPO(Method):
     model_phases = frozenset({"generate"})
     localizers = ("random",)  # no resets; "random" is the localizer its records and tags have always carried
 
+    def validate(self, m) -> list[tuple[str, str]]:
+        return [] if m.rollouts_per_prompt > 1 else [("method.rollouts_per_prompt", "must be > 1 (a group of one has no advantage)")]
+
     def generate(self, ctx, shard) -> None:
         m = ctx.cfg.method
         counts = [m.rollouts_per_prompt - s.attempts for s in shard.states]

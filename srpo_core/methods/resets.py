@@ -39,7 +39,9 @@ class ResetMethod(Method):
 
     def validate(self, m) -> list[tuple[str, str]]:
         out = []
-        if m.rollouts_per_prompt != 8:
+        if m.rollouts_per_prompt <= 1:
+            out.append(("method.rollouts_per_prompt", "must be > 1"))
+        elif m.rollouts_per_prompt != 8:
             out.append(("method.rollouts_per_prompt", "the reset splits are defined for a budget of 8"))
         return out
 
