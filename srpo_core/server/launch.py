@@ -101,8 +101,10 @@ def start_server(
     ready_timeout: float = 600.0,
     workdir: str | os.PathLike | None = None,
     env: dict[str, str] | None = None,
+    command_prefix: list[str] | tuple[str, ...] = (),
 ) -> ServerHandle:
-    """Spawn `python -m srpo_core.server` and wait until /ready answers 200."""
+    """Spawn `python -m srpo_core.server` (after `command_prefix`, e.g. a watchdog) and wait
+    until /ready answers 200."""
     owned = workdir is None
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="srpo-server-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,7 @@ def start_server(
         cmd += ["--max-adapters", str(max_adapters)]
     for version, uri in (adapters or {}).items():
         cmd += ["--adapter", f"{version}={uri}"]
-    cmd += list(extra_args)
+    cmd = [*command_prefix, *cmd, *extra_args]
     child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env, start_new_session=True)
