@@ -182,6 +182,8 @@ def launch_step(plan: Plan, step: int, show_output: bool = False, argv: list[str
     tags = [f"training_id:{plan.training_id}", f"method:{cfg.method.method}", f"seed:{cfg.train.seed}", f"step:{step}"]
     env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, **kubernetes_env(cfg)}
     start = time.perf_counter()
+    if options.get("decospecs") and cfg.rollout.server_url == "auto":  # steps run elsewhere (--with kubernetes): no local services
+        cfg = cfg.override(**{"rollout.server_url": ""})
     with inference_server(cfg, plan) as url:
         ctx["server_url"] = url
         ctx["learner_dir"] = plan.learner_dir if plan.learner_pid and _alive(plan.learner_pid) else ""
@@ -221,7 +223,7 @@ def start_training_server(plan: Plan, watch_pid: int) -> None:
     `stop_training_server` (the flow's `end`, or a failed step), or by themselves when process
     `watch_pid` (the Metaflow runtime of this training) is gone: a killed training leaves neither."""
     cfg = from_dict(plan.config)
-    if cfg.rollout.server_url != "auto":
+    if cfg.rollout.server_url != "auto" or inherited_options(sys.argv).get("decospecs"):  # --with kubernetes: phases run in pods, which cannot reach it
         return
     from srpo_core.runtime import resolve_model_path
     from srpo_core.server.launch import start_server

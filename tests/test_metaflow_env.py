@@ -83,7 +83,8 @@ def test_watchdog_stops_its_command_when_the_watched_process_dies(tmp_path):
     watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     marker = tmp_path / "child.pid"
     child = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
-    dog = subprocess.Popen([sys.executable, "-m", "srpo_core.watchdog", "--watch-pid", str(watched.pid), "--poll", "0.1", "--", sys.executable, "-c", child], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [sys.executable, "-m", "srpo_core.watchdog", "--watch-pid", str(watched.pid), "--poll", "0.1", "--", sys.executable, "-c", child]
+    dog = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() or not marker.read_text():
