@@ -9,7 +9,7 @@ import time
 
 from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step, timeout
 
-from srpo_core.flow_driver import default_config_path, parse_config
+from srpo_core.flow_config import default_config_path, parse_config
 from srpo_core.metaflow_env import ensure_metaflow_user
 
 ensure_metaflow_user()

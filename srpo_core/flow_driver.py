@@ -16,40 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from srpo_core import data_order, identity
 from srpo_core import store as S
 from srpo_core.config import Config, ConfigError, from_dict, results_config
+from srpo_core.flow_config import DEFAULT_RESOURCES, PHASES, default_config_path, parse_config  # noqa: F401  (re-exported)
 
-PHASES = ("generation", "localization", "suffix", "learner", "evaluation", "verification")
-DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120, "shared_memory": None}  # shared_memory: MB of /dev/shm (Kubernetes)
 STEP_FLOW = Path(__file__).resolve().parent.parent / "flows" / "srpo_step_flow.py"
-
-
-def parse_config(text: str) -> dict:
-    """Metaflow Config parser: YAML -> validated Config -> dict with every phase's resources."""
-    data = yaml.safe_load(text) or {}
-    cfg = from_dict(data)
-    out = cfg.to_dict()
-    res = dict(cfg.resources)
-    for phase in PHASES:
-        res[phase] = {**DEFAULT_RESOURCES, **(res.get(phase) or {})}
-    res.setdefault("image", "")
-    res.setdefault("shards", 1)
-    out["resources"] = res
-    return out
-
-
-def default_config_path(_ctx=None) -> str:
-    """`SRPO_CONFIG` (a preset name or a YAML file), default the `tiny` preset."""
-    from srpo_core.config import resolve_config_path
-
-    name = os.environ.get("SRPO_CONFIG", "tiny")
-    try:
-        return str(resolve_config_path(name))
-    except ConfigError as exc:
-        raise ConfigError(f"SRPO_CONFIG: {exc}") from None
 
 
 def apply_overrides(cfg_dict: dict, method: str, split: str, localizer: str, seed: int, sets: str, steps: int) -> Config:
