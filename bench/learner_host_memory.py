@@ -29,7 +29,7 @@ def worker(model_path: str, out: str) -> None:
     import accelerate
     import torch.distributed as dist
 
-    from srpo_core import distributed as D
+    from srpo_core import fsdp as D
 
     if os.environ.get("SRPO_BENCH_ALL_LOAD"):
         accelerate.init_empty_weights = contextlib.nullcontext  # baseline: every rank materialises the weights

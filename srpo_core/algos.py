@@ -18,7 +18,7 @@ table 4 ablation) replaces log pi by the PPO dual-clipped ratio objective on the
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -47,14 +47,18 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def pg_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, **_: float) -> torch.Tensor:
-    """Per-sequence loss -A_i * mean_t log pi. logprobs [N, T], advantages [N], mask [N, T] -> [N]."""
+    """Per-sequence loss -A_i * mean_t log pi (token-level credits: -mean_t A_it log pi).
+    logprobs [N, T], advantages [N] or [N, T], mask [N, T] -> [N]."""
+    if advantages.dim() == 2:
+        return -sequence_mean(advantages * logprobs, mask)
     return -advantages * sequence_mean(logprobs, mask)
 
 
 def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2, dual_clip: float = 3.0, **_: float) -> torch.Tensor:
-    """Per-sequence PPO dual-clip surrogate, averaged over active tokens. [N, T] ... -> [N]."""
+    """Per-sequence PPO dual-clip surrogate, averaged over active tokens. logprobs, old_logprobs
+    [N, T], advantages [N] (one per sequence) or [N, T] (token-level credits), mask [N, T] -> [N]."""
     ratio = torch.exp(logprobs - old_logprobs)  # [N, T]
-    adv = advantages[:, None]  # [N, 1]
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]  # [N, T] or [N, 1]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [N, T]
     surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
     return -sequence_mean(surrogate, mask)
@@ -82,6 +86,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     scaled = logits.float() / (temperature if temperature > 0 else 1.0)  # [N, T, V]
     return torch.log_softmax(scaled, -1).gather(-1, targets[..., None])[..., 0]
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear learning-rate warmup: the multiplier of `optim.lr` for optimizer step `step` (0-based,
+    the number of steps taken before it). Step k < W uses (k + 1) / W, so no step is spent at lr 0
+    and step W - 1 is the first at the full rate; W = 0 (the paper's setting): 1 from the start."""
+    if step < 0 or warmup_steps < 0:
+        raise ValueError(f"warmup_factor: step {step} and warmup_steps {warmup_steps} must be >= 0")
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 def gradient_signal(advantages: torch.Tensor, token_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

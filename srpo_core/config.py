@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class RolloutConfig:
     stop: str = "</thought>"
     engine: str = "hf"  # "hf" | "vllm"
     server_url: str = ""  # "": each phase step loads the model; "auto": the training starts a local server per epoch step; else the URL of a running server
+    score_unfinished: bool = False  # false (paper): a chain that ends without an answer (finish_reason != "answer") gets reward 0 in training and evaluation; true: its text is scored
 
     def __post_init__(self):
         for name in ("max_thoughts", "max_thought_tokens", "max_response_tokens", "max_prompt_tokens"):
@@ -90,11 +92,16 @@ class MethodConfig:
     localizer: str = ""  # empty: the method's default (rrpo: random, srpo: self)
     rollouts_per_prompt: int = 8
     seed_search_budget: int = 12
-    incorrect_threshold: float = 0.5  # reward <= threshold is an incorrect chain
+    incorrect_threshold: float | None = None  # None: the task's seed rule (Task.is_incorrect: reward 0 for binary tasks, < 1 for code); a number: reward <= threshold is incorrect
     localization_template: str = "localization_v1"
     localization_temperature: float = -1.0  # < 0: 0.3 for 1x4 and 2x4, 0.0 for 1x8 (REFERENCE.md)
     localization_max_tokens: int = 4096
     options: dict = field(default_factory=dict)  # the method's own settings (its options_class in srpo_core/methods/)
+    # localization audit judge (srpo_core/audit.py): "" = the step checker where the task has one, else
+    # none; "none"; "checker"; a model path / hub id / builtin:NAME; an http(s):// srpo server URL
+    audit_judge: str = ""
+    audit_sample: int = 0  # seeds per shard and step sent to a model judge (0: all)
+    audit_max_tokens: int = 1024  # the model judge's output tokens (REFERENCE "Localization audit")
 
     def __post_init__(self):
         _require(self.method in METHODS, "method.method", f"one of {METHODS}")
@@ -103,6 +110,10 @@ class MethodConfig:
         _require(self.rollouts_per_prompt > 1, "method.rollouts_per_prompt", "must be > 1")
         _require(self.seed_search_budget >= 1, "method.seed_search_budget", "must be >= 1")
         _require(self.localization_max_tokens > 0, "method.localization_max_tokens", "must be > 0")
+        _require(self.incorrect_threshold is None or 0 <= self.incorrect_threshold < 1, "method.incorrect_threshold", "null (the task's rule) or a number in [0, 1)")
+        _require(self.audit_sample >= 0, "method.audit_sample", "must be >= 0 (0: every seed)")
+        _require(self.audit_max_tokens > 0, "method.audit_max_tokens", "must be > 0")
+        _require(bool(self.audit_judge.strip()) or self.audit_judge == "", "method.audit_judge", "empty, 'none', 'checker', a model path or an http(s):// URL")
         for key, reason in self.spec.validate(self):
             _require(False, key, reason)
         self.parsed_options  # noqa: B018 - validates method.options against the method's options_class
@@ -160,10 +171,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup over optimizer steps (algos.warmup_factor); 0: none (the paper)
 
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0 (0: no warmup)")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(self.grad_clip > 0, "optim.grad_clip", "must be > 0")
@@ -181,6 +193,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     micro_batch_tokens: int = 0  # > 0: a micro-batch also holds at most this many padded tokens
     processes: int = 1  # learner processes (FSDP2 under torchrun when > 1); 0: one per visible GPU
+    share_prefix_forward: bool = True  # forward a context (prompt + reset prefix) shared by several sequences once; same loss and gradients
 
     def __post_init__(self):
         _require(self.prompts_per_step > 0, "train.prompts_per_step", "must be > 0")
@@ -360,7 +373,7 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("srpo_core") / "presets").iterdir() if p.name.endswith(".yaml"))
 
 
-RUNTIME_KEYS = ("resources", "rollout.server_url", "train.processes", "model.threads")  # where and how fast, not what
+RUNTIME_KEYS = ("resources", "rollout.server_url", "train.processes", "model.threads", "train.share_prefix_forward")  # where and how fast, not what (shared forwards change results by float32 reordering only)
 
 
 def results_config(data: dict) -> dict:
@@ -395,8 +408,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _NUMBER.fullmatch(parsed.strip()):  # YAML 1.1 reads 1e-3 as a string
+            parsed = float(parsed)
+        out[key] = parsed
     return out
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Config:

@@ -2,7 +2,9 @@
 
 :func:`evaluate` runs thought-structured decoding (SPEC 1: temperature ``cfg.eval.temperature``,
 0 = greedy) over a task's items in batches of ``cfg.eval.batch_size`` requests, with a tqdm bar
-per benchmark, and returns the accuracy with the number of items and per-item outcomes.
+per benchmark, and returns the accuracy with the number of items and per-item outcomes. A chain
+is scored as in training (``rollouts.chain_reward``): one that ends without an answer
+(``finish_reason`` other than ``answer``) gets 0 unless ``rollout.score_unfinished``.
 
 pass@k
     With ``samples > 1`` and ``ks``, each item also gets ``samples`` sampled chains and pass@k is
@@ -44,6 +46,7 @@ from tqdm.auto import tqdm
 from srpo_core import templates
 from srpo_core.config import Config
 from srpo_core.engine.base import RolloutEngine, SamplingParams, ThoughtRequest
+from srpo_core.rollouts import chain_reward
 from srpo_core.shard import limits_of, sampling_of
 from srpo_core.tasks import Task, TaskItem
 
@@ -194,8 +197,8 @@ def evaluate(
     outcomes, tokens = [], 0
     for j, i in enumerate(kept):
         item, main, draws = items[i], first[j], extra[j]
-        rewards_main = [task.reward(item, r.text) for r in main]
-        rewards = rewards_main if draws is main else [task.reward(item, r.text) for r in draws]
+        rewards_main = [chain_reward(task, item, r, cfg.rollout.score_unfinished) for r in main]
+        rewards = rewards_main if draws is main else [chain_reward(task, item, r, cfg.rollout.score_unfinished) for r in draws]
         tokens += sum(r.generated_tokens for r in main) + (0 if draws is main else sum(r.generated_tokens for r in draws))
         correct = (rewards_main[0] >= 1.0) if (separate or samples == 1) else (sum(r >= 1.0 for r in rewards) / len(rewards))
         outcomes.append({

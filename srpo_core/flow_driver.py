@@ -156,9 +156,16 @@ def launch_step(plan: Plan, step: int, show_output: bool = False, argv: list[str
     start = time.perf_counter()
     if options.get("decospecs") and cfg.rollout.server_url == "auto":  # steps run elsewhere (--with kubernetes): no local services
         cfg = cfg.override(**{"rollout.server_url": ""})
-    with inference_server(cfg, plan) as url:
+    with inference_server(cfg, plan) as (url, token):
         ctx["server_url"] = url
         ctx["learner_dir"] = plan.learner_dir if plan.learner_pid and _alive(plan.learner_pid) else ""
+        # the token reaches the phase steps by environment only: never a parameter or an artifact
+        if token:
+            env["SRPO_SERVER_TOKEN"] = token
+        elif plan.server_url and url == plan.server_url:  # ("" hides a token of another server from this one's callers)
+            env.update({"SRPO_SERVER_TOKEN": "", "SRPO_SERVER_TOKEN_FILE": server_token_file(plan)})
+        elif os.environ.get("SRPO_SERVER_TOKEN_FILE"):
+            env["SRPO_SERVER_TOKEN_FILE"] = os.environ["SRPO_SERVER_TOKEN_FILE"]
         return _run_step(plan, step, StepLaunch(ctx, tags, env, options, show_output), start)
 
 
@@ -166,24 +173,27 @@ def launch_step(plan: Plan, step: int, show_output: bool = False, argv: list[str
 
 
 @contextmanager
-def inference_server(cfg: Config, plan: Plan | None = None):
-    """The server the phase steps call: none (""), the training's own ("auto": started once by
-    `start_training_server`; one for this epoch step when the plan has none), or the configured URL."""
+def inference_server(cfg: Config, plan: Plan):
+    """(URL, bearer token) of the server the phase steps call: none ("", ""), the training's own
+    ("auto": started once by `start_training_server`; its token is in `server_token_file`, so ""
+    here), a local one for this epoch step when the plan has none ("auto": a fresh token, adapters
+    only from the plan's artifact root), or the configured URL (its token from $SRPO_SERVER_TOKEN,
+    or $SRPO_SERVER_TOKEN_FILE read by the steps)."""
     if cfg.rollout.server_url != "auto":
-        yield cfg.rollout.server_url
+        yield cfg.rollout.server_url, os.environ.get("SRPO_SERVER_TOKEN", "")
         return
-    if plan is not None and plan.server_url:
+    if plan.server_url:
         from srpo_core.server.launch import http_status
 
         if http_status(plan.server_url + "/ready") != 200:  # e.g. a `resume` of this flow, whose start step was not rerun
             start_training_server(plan, watch_pid=os.getppid())
-        yield plan.server_url
+        yield plan.server_url, ""
         return
     from srpo_core.runtime import resolve_model_path
     from srpo_core.server.launch import start_server
 
-    with start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None) as handle:
-        yield handle.url
+    with start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None, artifact_roots=[plan.artifact_root]) as handle:
+        yield handle.url, handle.token
 
 
 def start_training_server(plan: Plan, watch_pid: int) -> None:
@@ -201,13 +211,23 @@ def start_training_server(plan: Plan, watch_pid: int) -> None:
     from srpo_core.server.launch import start_server
 
     home = Path(plan.log_path).parent
-    learner = start_learner_worker(home / "learner", watch_pid)  # imports torch while the server loads
-    handle = start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None, workdir=home / "server", command_prefix=watchdog_prefix(watch_pid))
+    token_file = Path(server_token_file(plan))
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    args = {"dtype": cfg.model.dtype, "threads": cfg.model.threads or None, "artifact_roots": [plan.artifact_root], "workdir": home / "server", "command_prefix": watchdog_prefix(watch_pid)}
+    handle = start_server(resolve_model_path(cfg.model.name_or_path), **args)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the steps and the learner worker read it; never an artifact
+    with os.fdopen(fd, "w") as f:
+        f.write(handle.token)
     plan.server_url, plan.server_pid = handle.url, handle.process.pid  # the watchdog's pid: SIGTERM reaches the server through it
-    plan.learner_dir, plan.learner_pid = str(home / "learner"), learner
+    plan.learner_dir, plan.learner_pid = str(home / "learner"), start_learner_worker(home / "learner", watch_pid, {"SRPO_SERVER_TOKEN": "", "SRPO_SERVER_TOKEN_FILE": str(token_file)})
 
 
-def start_learner_worker(workdir: Path, watch_pid: int) -> int:
+def server_token_file(plan: Plan) -> str:
+    """The bearer token of the training's own server (mode 0600, beside its log)."""
+    return str(Path(plan.log_path).parent / "server" / "token")
+
+
+def start_learner_worker(workdir: Path, watch_pid: int, env: dict[str, str] | None = None) -> int:
     """Start the learner worker (under the watchdog); its watchdog's pid. The learner step waits
     for it to be ready (`learner_worker.submit` polls), so this does not."""
     import subprocess
@@ -218,7 +238,7 @@ def start_learner_worker(workdir: Path, watch_pid: int) -> int:
     (workdir / "pid").unlink(missing_ok=True)
     cmd = [*watchdog_prefix(watch_pid), sys.executable, "-m", "srpo_core.learner_worker", "--dir", str(workdir)]
     with open(workdir / "worker.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     return proc.pid
 
 
@@ -263,6 +283,7 @@ def stop_training_server(plan: Plan, grace_s: float = 15.0) -> None:
     plan.server_pid = plan.learner_pid = 0
     if had:
         shutil.rmtree(Path(plan.log_path).parent / "server" / "cache", ignore_errors=True)
+        Path(server_token_file(plan)).unlink(missing_ok=True)
 
 
 # ---- one epoch-step run ------------------------------------------------------------------------

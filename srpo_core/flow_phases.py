@@ -87,6 +87,22 @@ def adapter_uri(ctx: StepContext, step_index: int) -> str:
     return f"{open_root(ctx).uri.rstrip('/')}/{S.adapter_key(ctx.training_id, step_index)}"
 
 
+ADAPTER_HASH_FILE = "adapter.sha256"  # beside adapter/ in a step checkpoint: server.adapter_sha256 of it
+
+
+def adapter_hash(ctx: StepContext, step_index: int) -> str:
+    """The content hash of checkpoint `step_index`'s adapter, as the learner recorded it (older
+    checkpoints without the record: computed from a verified download)."""
+    store = open_root(ctx)
+    key = f"{S.step_prefix(ctx.training_id, step_index)}/{ADAPTER_HASH_FILE}"
+    if store.exists(key):
+        return store.get_bytes(key).decode().strip()
+    from srpo_core.server.app import adapter_sha256
+
+    with tempfile.TemporaryDirectory(prefix="srpo-hash-") as tmp:
+        return adapter_sha256(download_checkpoint(ctx, step_index, Path(tmp)) / "adapter")
+
+
 def load_engine(ctx: StepContext, step_index: int | None = None):
     """The policy of checkpoint `step_index` (default: the parent) behind the engine interface: an
     inference server pinned to that adapter version, or the configured engine (`rollout.engine`)
@@ -98,8 +114,8 @@ def load_engine(ctx: StepContext, step_index: int | None = None):
 
         engine = RemoteEngine(ctx.server_url)
         engine.check_ready()
-        if step_index is not None:
-            engine.load_adapter(adapter_uri(ctx, step_index), version)
+        if step_index is not None:  # pinned by version and content hash
+            engine.load_adapter(adapter_uri(ctx, step_index), version, adapter_hash(ctx, step_index))
         engine.adapter_version = version  # every request pinned to it
         return engine
     from srpo_core.runtime import build_engine
@@ -196,6 +212,9 @@ def learn_here(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         canary = work / "canary.json" if ctx.server_url else None
         metrics.update(learn(cfg, step.train_sequences(cfg, result.records), parent_dir, out, cfg.train.seed + ctx.step, canary_path=canary))
         write_records(out / "rollouts.jsonl", result.records, ctx.step, cfg)
+        from srpo_core.server.app import adapter_sha256
+
+        (out / ADAPTER_HASH_FILE).write_text(adapter_sha256(out / "adapter") + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
         parent_key = S.step_prefix(ctx.training_id, ctx.parent_step) if ctx.parent_step is not None else None
         manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=results_config(ctx.config), parent_key=parent_key, data_cursor=data_order.data_cursor(cfg, ctx.step))
@@ -215,10 +234,10 @@ def sync_server(ctx: StepContext, reference, adapter_dir: Path) -> dict[str, flo
     from srpo_core.server.app import adapter_sha256
     from srpo_core.server.canary import canary_check
 
-    version = adapter_version(ctx.step)
+    version, sha = adapter_version(ctx.step), adapter_sha256(adapter_dir)
     server = RemoteEngine(ctx.server_url)
-    server.load_adapter(adapter_uri(ctx, ctx.step), version)
-    result = canary_check(server, reference, version, expected_sha256=adapter_sha256(adapter_dir))
+    server.load_adapter(adapter_uri(ctx, ctx.step), version, sha)
+    result = canary_check(server, reference, version, expected_sha256=sha)
     return {"canary/max_abs_diff": float(result.max_abs_diff), "canary/mean_abs_diff": float(result.mean_abs_diff)}
 
 

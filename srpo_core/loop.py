@@ -53,7 +53,7 @@ class Session:
 def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
     import torch
 
-    from srpo_core.distributed import resolve_processes
+    from srpo_core.fsdp import resolve_processes
     from srpo_core.learner import learner_from_config
     from srpo_core.runtime import build_engine, set_threads
     from srpo_core.tasks import get_task
@@ -152,7 +152,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--localizer", choices=LOCALIZERS)
     p.add_argument("--loss", choices=LOSSES)
     p.add_argument("--seed", type=int)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any dotted config key")
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", help="override dotted config keys (several per flag, or repeat the flag)")
 
 
 def register(subparsers) -> None:

@@ -21,6 +21,8 @@ def record_dict(rec: R.Record, step: int, split: str, localizer: str) -> dict:
         "reset_index": rec.reset_index if rec.group in ("shared_prefix", "seed") else None,
         "oracle_first_error": rec.oracle_first_error,
         "localization_status": rec.localization_status,
+        "judge_first_error": rec.judge_first_error,
+        "judge_status": rec.judge_status,
         "prefix_tokens": rec.rollout.prefix_len,
         "response_tokens": len(rec.rollout.response_ids),
         "thoughts": rec.rollout.thoughts,

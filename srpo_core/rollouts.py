@@ -13,6 +13,16 @@
                 wants gives the unused suffix budget to the base group; with no seed at all, the
                 prompt falls back to one GRPO group of 8 (what was collected, filled with iid chains).
 
+Rewards (REFERENCE "Rollouts"): a chain scores its task reward only when it ended with an answer
+(`finish_reason == "answer"`, a thought holding `\boxed{`); a chain stopped by the thought cap, the
+response cap, the model length or an end-of-sequence gets 0 (`rollout.score_unfinished: true`
+scores its text instead), and so does a chain with no thought. A chain is incorrect (a seed
+candidate) by its task's rule (`Task.is_incorrect`: reward 0 for binary tasks, not all training
+tests passed for code), unless `method.incorrect_threshold` overrides it (reward <= threshold).
+
+Localization errors: any exception while localizing (the engine call, the parse, the step
+checker) sends the affected seeds to thought 1 with status `error` (logged and counted).
+
 The work is batched over prompts: each round samples for every prompt that still needs chains,
 and attempts are absorbed in sampling order, which keeps the iid semantics of one-at-a-time
 sampling. Phases are separate functions so a workflow can run them as separate steps.
@@ -20,6 +30,7 @@ sampling. Phases are separate functions so a workflow can run them as separate s
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import time
@@ -29,7 +40,11 @@ from typing import Callable
 from srpo_core import templates
 from srpo_core.engine.base import Rollout, RolloutEngine, SamplingParams, ThoughtLimits, ThoughtRequest
 from srpo_core.tasks import Task, TaskItem
+from srpo_core.tasks.base import is_incorrect as task_is_incorrect
 from srpo_core.verifiers.extract import last_boxed
+
+log = logging.getLogger(__name__)
+ANSWERED = "answer"  # the finish reason of a chain that ended with an answer (engine/base.py)
 
 
 @dataclass(frozen=True)
@@ -63,9 +78,12 @@ class PromptState:
 @dataclass(frozen=True)
 class Localization:
     index: int  # h*, 1-based, clamped to [1, n_thoughts]
-    status: str  # how it was obtained: boxed | step | fallback | random | oracle | divergence
+    status: str  # how it was obtained: boxed | step | fallback | random | oracle | divergence | error
     output_tokens: int = 0
     raw: str | None = None
+    judge: int | None = None  # the audit judge's first wrong thought (srpo_core/audit.py), None: not judged
+    judge_status: str | None = None  # checker | boxed | unparsed | error | None (not judged)
+    judge_tokens: int = 0  # tokens the judge model generated
 
 
 @dataclass
@@ -83,6 +101,8 @@ class Record:
     localization_tokens: int = 0
     advantage: float = 0.0
     steps_valid: bool | None = None
+    judge_first_error: int | None = None  # seed and its suffixes: the audit judge's first wrong thought of the seed
+    judge_status: str | None = None
 
     @property
     def trainable(self) -> bool:
@@ -99,14 +119,15 @@ def wanted_attempts(state: PromptState, spec: SplitSpec, budget: int) -> int:
     return min(budget - state.attempts, max(need, spec.group_size))
 
 
-def absorb(state: PromptState, attempts: list[Attempt], spec: SplitSpec, incorrect_threshold: float) -> None:
+def absorb(task: Task, state: PromptState, attempts: list[Attempt], search: "SeedSearch") -> None:
     """Take attempts in sampling order: the first incorrect chains (with >= 1 thought) become
     seeds; other chains are kept for the base group up to G; the rest are dropped."""
+    spec = search.spec
     for att in attempts:
         state.attempts += 1
         if not att.rollout.spans:
             att.reward = 0.0
-        is_seed = att.reward <= incorrect_threshold and bool(att.rollout.spans) and len(state.seeds) < spec.seeds
+        is_seed = search.incorrect(task, state.item, att.reward) and bool(att.rollout.spans) and len(state.seeds) < spec.seeds
         if is_seed:
             state.seeds.append(att)
         elif len(state.collected) < spec.group_size:
@@ -120,9 +141,20 @@ def base_capacity(state: PromptState, spec: SplitSpec, rollouts_per_prompt: int)
     return rollouts_per_prompt - spec.suffixes * len(state.seeds) if state.seeds else rollouts_per_prompt
 
 
-def verify(task: Task, item: TaskItem, rollouts: list[Rollout], timings: dict[str, float] | None = None) -> list[Attempt]:
+def chain_reward(task: Task, item: TaskItem, rollout: Rollout, score_unfinished: bool = False) -> float:
+    """The training/evaluation reward of one chain: the task's reward of its text if it ended with
+    an answer, else 0 (a chain with no thought, or one that stopped without an answer unless
+    `score_unfinished`)."""
+    if not rollout.spans:
+        return 0.0
+    if rollout.finish_reason != ANSWERED and not score_unfinished:
+        return 0.0
+    return task.reward(item, rollout.text)
+
+
+def verify(task: Task, item: TaskItem, rollouts: list[Rollout], timings: dict[str, float] | None = None, score_unfinished: bool = False) -> list[Attempt]:
     start = time.perf_counter()
-    out = [Attempt(r, task.reward(item, r.text)) for r in rollouts]
+    out = [Attempt(r, chain_reward(task, item, r, score_unfinished)) for r in rollouts]
     if timings is not None:
         timings["verification"] = timings.get("verification", 0.0) + time.perf_counter() - start
     return out
@@ -146,9 +178,9 @@ def round_counts(states: list[PromptState], spec: SplitSpec, budget: int) -> lis
     return [wanted_attempts(s, spec, budget) for s in states]
 
 
-def absorb_round(task: Task, states: list[PromptState], rollouts: list[list[Rollout]], spec: SplitSpec, incorrect_threshold: float, timings: dict[str, float] | None = None) -> None:
+def absorb_round(task: Task, states: list[PromptState], rollouts: list[list[Rollout]], search: "SeedSearch", timings: dict[str, float] | None = None) -> None:
     for state, rs in zip(states, rollouts):
-        absorb(state, verify(task, state.item, rs, timings), spec, incorrect_threshold)
+        absorb(task, state, verify(task, state.item, rs, timings, search.score_unfinished), search)
 
 
 def finalize_base(states: list[PromptState], spec: SplitSpec, rollouts_per_prompt: int) -> list[int]:
@@ -174,16 +206,24 @@ class SeedSearch:
     spec: SplitSpec
     budget: int  # seed_search_budget: attempts per prompt
     rollouts_per_prompt: int
-    incorrect_threshold: float
+    incorrect_threshold: float | None = None  # None: the task's rule (Task.is_incorrect); else reward <= threshold
+    score_unfinished: bool = False  # rollout.score_unfinished
+
+    def incorrect(self, task: Task, item: TaskItem, reward: float) -> bool:
+        if self.incorrect_threshold is not None:
+            return reward <= self.incorrect_threshold
+        return task_is_incorrect(task, item, reward)
 
 
-def finish_seed_search(engine: RolloutEngine, task: Task, states: list[PromptState], search: SeedSearch, limits: ThoughtLimits, sampling: SamplingParams, first_round: int = 0, timings: dict[str, float] | None = None) -> tuple[int, list[list[Rollout]]]:
+def finish_seed_search(
+    engine: RolloutEngine, task: Task, states: list[PromptState], search: SeedSearch, limits: ThoughtLimits, sampling: SamplingParams, first_round: int = 0, timings: dict[str, float] | None = None
+) -> tuple[int, list[list[Rollout]]]:
     """Rounds of batched sampling from `first_round` on until every prompt has its seeds or spent
     its budget; then the base groups are finalized and their fill chains sampled (not scored).
     Returns (rounds run in all, fill chains per state)."""
     rounds = first_round
     while any(counts := round_counts(states, search.spec, search.budget)):
-        absorb_round(task, states, sample(engine, states, counts, limits, round_sampling(sampling, rounds)), search.spec, search.incorrect_threshold, timings)
+        absorb_round(task, states, sample(engine, states, counts, limits, round_sampling(sampling, rounds)), search, timings)
         rounds += 1
     fill = finalize_base(states, search.spec, search.rollouts_per_prompt)
     return rounds, sample(engine, states, fill, limits, round_sampling(sampling, FILL_ROUND))
@@ -284,6 +324,34 @@ LOCALIZERS: dict[str, Callable[[list[SeedCase], LocalizeContext], list[Localizat
     "oracle": oracle_localizer,
     "divergence": divergence_localizer,
 }
+ERROR_STATUS = "error"
+
+
+def localize(name: str, cases: list[SeedCase], ctx: LocalizeContext) -> list[Localization]:
+    """The localizer `name` on the cases, where any error falls back to thought 1 (REFERENCE:
+    "any localization error -> 1"): a batch that raises is retried seed by seed, so only the seeds
+    whose own call raises get `Localization(1, "error")`; each is logged. Configuration errors
+    (a localizer the task cannot serve, e.g. the oracle without a step checker) still raise."""
+    localizer = LOCALIZERS[name]
+    if name == "oracle" and cases and not ctx.task.has_step_checker:
+        return localizer(cases, ctx)  # raises its configuration error
+    try:
+        return _checked(localizer(cases, ctx), cases)
+    except Exception as exc:  # noqa: BLE001 - REFERENCE: any localization error -> thought 1
+        if len(cases) == 1:
+            log.warning("localization (%s) of a seed of item %r failed, reset at thought 1: %s: %s", name, cases[0].item.id, type(exc).__name__, exc)
+            return [Localization(1, ERROR_STATUS, raw=f"{type(exc).__name__}: {exc}")]
+        log.warning("localization (%s) of %d seeds failed (%s: %s); retrying seed by seed", name, len(cases), type(exc).__name__, exc)
+    return [loc for case in cases for loc in localize(name, [case], ctx)]
+
+
+def _checked(locs: list[Localization], cases: list[SeedCase]) -> list[Localization]:
+    if len(locs) != len(cases):
+        raise RuntimeError(f"the localizer returned {len(locs)} answers for {len(cases)} seeds")
+    for loc, c in zip(locs, cases):
+        if not isinstance(loc.index, int) or not 1 <= loc.index <= max(_n(c), 1):
+            raise ValueError(f"reset index {loc.index!r} outside 1..{_n(c)}")
+    return locs
 
 
 # ---- resets and suffixes -----------------------------------------------------------------------
@@ -306,8 +374,20 @@ def sample_suffixes(engine: RolloutEngine, cases: list[SeedCase], locs: list[Loc
     return engine.generate_thoughts([reset_request(c, loc.index, n) for c, loc in zip(cases, locs)], limits, sampling)
 
 
-def build_records(task: Task, step: int, states: list[PromptState], locs: list[Localization], suffixes: list[list[Rollout]]) -> list[Record]:
-    """Records for every rollout (seeds included, marked `seed`), with their group ids."""
+def seed_group_ids(step: int, item_id: str, j: int) -> tuple[str, str]:
+    """The group ids of a prompt's j-th seed and of the suffixes sampled from its reset."""
+    return f"{step}:{item_id}:seed{j}", f"{step}:{item_id}:sp{j}"
+
+
+def suffix_group_id(seed_group_id: str) -> str:
+    """The suffix group id of a seed's group id (seed_group_ids' pair)."""
+    head, _, j = seed_group_id.rpartition(":seed")
+    return f"{head}:sp{j}"
+
+
+def build_records(task: Task, step: int, states: list[PromptState], locs: list[Localization], suffixes: list[list[Rollout]], score_unfinished: bool = False) -> list[Record]:
+    """Records for every rollout (seeds included, marked `seed`), with their group ids; suffixes
+    are scored here (chain_reward) and carry their seed's reset and judge."""
     records: list[Record] = []
     k = 0
     for s in states:
@@ -318,10 +398,11 @@ def build_records(task: Task, step: int, states: list[PromptState], locs: list[L
             loc, group = locs[k], suffixes[k]  # seeds in seed_cases order
             k += 1
             oracle = task.first_error(s.item, seed.rollout.thoughts) if task.has_step_checker else None
-            records.append(Record(seed.rollout, s.item, "seed", f"{step}:{s.item.id}:seed{j}", seed.reward, loc.index, oracle, loc.status, loc.output_tokens))
-            sp = f"{step}:{s.item.id}:sp{j}"
+            judge = {"judge_first_error": loc.judge, "judge_status": loc.judge_status}
+            seed_gid, sp = seed_group_ids(step, s.item.id, j)
+            records.append(Record(seed.rollout, s.item, "seed", seed_gid, seed.reward, loc.index, oracle, loc.status, loc.output_tokens, **judge))
             for r in group:
-                records.append(Record(r, s.item, "shared_prefix", sp, task.reward(s.item, r.text), loc.index, oracle, loc.status))
+                records.append(Record(r, s.item, "shared_prefix", sp, chain_reward(task, s.item, r, score_unfinished), loc.index, oracle, loc.status, **judge))
     return mark_steps_valid(task, records)
 
 

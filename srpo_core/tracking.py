@@ -9,6 +9,11 @@ Tracking URI
     For a team server set ``MLFLOW_TRACKING_URI=http://host:5000``;
     :func:`check_tracking_reachable` fails within a few seconds, naming the server, when it is down.
 
+Experiments
+    :func:`ensure_experiment` creates an experiment tagged ``mlflow.experimentKind =
+    custom_model_development`` so that MLflow 3's UI opens it in the model-training view, not the
+    GenAI one; :func:`experiment_url` gives a UI link that asks for that view.
+
 Runs
     :func:`start_training_run` creates (or, given ``run_id``, resumes) the active run, so separate
     Metaflow steps can log into one MLflow run. Metrics go through ``MlflowClient.log_batch``
@@ -49,6 +54,13 @@ MAX_KEY_LEN = 250
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- :]")
+# MLflow 3's UI shows an experiment in its GenAI view or its model-training view; the bundled UI
+# (mlflow/server/js, 3.x) reads the kind from this experiment tag (values of its ExperimentKind
+# enum: "genai_development", "custom_model_development", ...) and, in newer releases, from the
+# `workflowType` URL parameter ("genai" | "machine_learning") or the user's last choice.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+WORKFLOW_TYPE_QUERY = "workflowType=machine_learning"
 
 
 class TrackingUnreachableError(ConnectionError):
@@ -284,7 +296,7 @@ def start_training_run(
             mlflow.set_tags(str_tags)
     else:
         existing = {}
-        exp = mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(experiment_id=ensure_experiment(client(), experiment))
         run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name, tags=str_tags)
     try:
         _log_new_params(run.info.run_id, flat, existing)
@@ -298,6 +310,30 @@ def start_training_run(
         tracking_uri=uri,
         resumed=run_id is not None,
     )
+
+
+def ensure_experiment(mlflow_client, name: str) -> str:
+    """The id of experiment `name` (created if missing), tagged to open in MLflow 3's model-training
+    view: `mlflow.experimentKind = custom_model_development` (an experiment without the tag is
+    tagged; one that already has a kind keeps it). MLflow 3.x UIs that read the view from the
+    tag open it there; newer UIs take it from the `workflowType` URL parameter instead, which
+    :func:`experiment_url` sets."""
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is None:
+        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        mlflow_client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def experiment_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The MLflow UI link of an experiment (or run) in the model-training view, for an http(s)
+    tracking server; None for a local store (open it with `mlflow ui --backend-store-uri ...`,
+    then the same path under http://127.0.0.1:5000)."""
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return None
+    route = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{tracking_uri.rstrip('/')}/{route}?{WORKFLOW_TYPE_QUERY}"
 
 
 def end_training_run(status: str = "FINISHED") -> None:

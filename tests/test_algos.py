@@ -131,3 +131,12 @@ def test_chunked_logprobs_same_numbers_and_only_the_logits_kept_for_backward():
     logits_bytes, targets_bytes = n * t * v * 2, n * t * 8
     assert saved >= 2 * logits_bytes  # the [N, T, V] float32 log-softmax
     assert saved_c <= logits_bytes + targets_bytes
+
+
+def test_warmup_factor_is_linear_over_optimizer_steps():
+    # W = 4: steps 0..3 at 1/4, 2/4, 3/4, 1 of the rate, then the rate; W = 0: the rate from the start
+    assert [algos.warmup_factor(k, 4) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [algos.warmup_factor(k, 0) for k in range(3)] == [1.0, 1.0, 1.0]
+    assert algos.warmup_factor(0, 1) == 1.0
+    with pytest.raises(ValueError, match="must be >= 0"):
+        algos.warmup_factor(-1, 4)

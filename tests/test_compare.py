@@ -92,6 +92,38 @@ def test_variants_labels_and_schedule():
     assert C.eval_schedule(5, 0) == [0, 5] and C.eval_schedule(5, 2) == [0, 2, 4, 5] and C.eval_schedule(0, 3) == [0]
 
 
+def curve_results(seeds):
+    from srpo_core.compare.run import TrainingResult
+
+    out = []
+    for label, gain in (("GRPO", 0.02), ("RRPO", 0.03), ("SRPO (1×4, oracle)", 0.08), ("SRPO (1×4, self)", 0.05)):
+        for seed in seeds:
+            curves = {b: [[s, 0.3 + gain * s + 0.01 * seed] for s in range(4)] for b in ("synthetic", "commonsenseqa", "numinamath_olympiads")}
+            out.append(TrainingResult(f"t-{label}-{seed}", label, "x", "1x4", "self", seed, 3, None, curves, dict.fromkeys(curves, 200), {}))
+    return out
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)], ids=["one-seed", "three-seeds"])
+def test_learning_curves_keep_their_text_inside_and_show_intervals(tmp_path, seeds):
+    """The saved PNG has a blank margin on every side (nothing is cut at the edges: the old plot
+    put its legend below the figure's bottom), and each method has its interval band."""
+    import matplotlib.image as mpimg
+
+    results = curve_results(seeds)
+    labels = list(dict.fromkeys(r.label for r in results))
+    path = C.plot_learning_curves(labels, ["synthetic", "commonsenseqa", "numinamath_olympiads"], results, tmp_path / "curves.png")
+    img = mpimg.imread(path)[..., :3]  # [H, W, 3] floats in 0..1
+    for edge in (img[:4], img[-4:], img[:, :4], img[:, -4:]):
+        assert edge.min() > 0.99  # white: no text or line reaches the border
+    # one seed: the Wilson 95% band over the 200 items; several: mean ± SD over seeds
+    from srpo_core.audit import wilson
+    from srpo_core.compare.report import _curve_band
+
+    m, lo, hi = _curve_band([30.0], 200)
+    assert lo < m < hi and (lo, hi) == pytest.approx(tuple(100 * x for x in wilson(60, 200)))
+    assert _curve_band([30.0, 32.0], 200) == pytest.approx((31.0, 31.0 - 2**0.5, 31.0 + 2**0.5))
+
+
 # ---- a reduced real comparison -----------------------------------------------------------------------
 
 SEEDS = (0, 1)
@@ -207,4 +239,16 @@ def test_learning_curves_png(comparison):
     out, _ = comparison
     png = out / "learning_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # the synthetic task has a step checker: the audit judges every seed of rrpo and srpo
+    audits = sorted(p.name for p in out.glob("audit_*.png"))
+    assert audits == ["audit_rrpo.png", "audit_srpo.png"]
     assert (out / "runs.jsonl").read_text().count("\n") == 6
+
+
+def test_comparison_experiment_opens_in_the_training_view(comparison):
+    from srpo_core.tracking import EXPERIMENT_KIND_TAG
+
+    client, parent, _ = runs_of(comparison[1])
+    assert client.get_experiment(parent.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert figures == {"figures/learning_curves.png", "figures/audit_rrpo.png", "figures/audit_srpo.png"}

@@ -90,3 +90,12 @@ def test_results_config_leaves_out_only_where_and_how_fast():
         other = load_config("paper", {key: value}).to_dict()
         assert config_hash(results_config(other)) != config_hash(results_config(base)), key
     assert "resources" in base and "processes" in base["train"]  # the input is not changed
+
+
+def test_set_overrides_read_numbers_as_a_user_writes_them():
+    """`--set optim.lr=1e-3` is a number (YAML 1.1 alone reads it as a string and the config
+    refused it); other strings stay strings."""
+    from srpo_core.config import load_config, parse_overrides
+
+    assert parse_overrides(["optim.lr=1e-3", "train.seed=2", "model.name_or_path=x1e3", "optim.lr=1.5E+2"]) == {"optim.lr": 150.0, "train.seed": 2, "model.name_or_path": "x1e3"}
+    assert load_config("tiny", parse_overrides(["optim.lr=1e-3"])).optim.lr == 1e-3

@@ -46,9 +46,8 @@ def all_docs() -> list[tuple[Path, dict]]:
 
 
 def our_docs() -> list[tuple[Path, dict]]:
-    """Documents of this project's infra files (inference-server.yaml has its own owner and is
-    namespace-agnostic: it is applied with -n srpo)."""
-    return [(p, d) for p, d in all_docs() if p.name != "inference-server.yaml"]
+    """Documents of this project's infra files (all of them, the inference server included)."""
+    return all_docs()
 
 
 def pod_spec(doc: dict) -> dict | None:
@@ -130,8 +129,6 @@ def test_containers_are_locked_down(path, doc, spec):
 
 def test_pods_without_api_needs_get_no_token():
     for path, doc, spec in workloads():
-        if path.name == "inference-server.yaml":
-            continue
         if spec.get("serviceAccountName") != RUNNER_SA:
             assert spec.get("automountServiceAccountToken") is False, f"{path.name}: {doc['metadata']['name']} mounts an API token it does not need"
 
@@ -207,8 +204,7 @@ def test_volume_claims_accounts_and_services_resolve():
         for vol in spec.get("volumes", []):
             if "persistentVolumeClaim" in vol:
                 assert vol["persistentVolumeClaim"]["claimName"] in pvcs, f"{path.name}: {vol}"
-        if path.name != "inference-server.yaml":
-            assert spec.get("serviceAccountName") in accounts, f"{path.name}: {doc['metadata']['name']}"
+        assert spec.get("serviceAccountName") in accounts, f"{path.name}: {doc['metadata']['name']}"
     pods = [(pod_labels(d), pod_spec(d)) for d in docs if d["kind"] in WORKLOAD_KINDS]
     for svc in (d for d in docs if d["kind"] == "Service"):
         selected = [(labels, spec) for labels, spec in pods if svc["spec"]["selector"].items() <= labels.items()]
@@ -222,13 +218,79 @@ def test_mlflow_server_settings():
     deployment = next(d for _, d in all_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "srpo-mlflow")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = container["args"]
-    assert "--serve-artifacts" in args and "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
+    # no artifact proxy: with --serve-artifacts any caller of MLflow reads and writes S3 with MLflow's keys
+    assert "--no-serve-artifacts" in args and "--serve-artifacts" not in args and "--default-artifact-root=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
     assert not any("backend-store-uri" in a for a in args), "the database URI (with its password) belongs in the environment"
     env = {e["name"]: e for e in container["env"]}
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & env.keys(), "MLflow holds no S3 credentials"
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "srpo-mlflow-db"
     runtime = next(d for _, d in all_docs() if d["kind"] == "Secret" and d["metadata"]["name"] == "srpo-runtime")
     assert runtime["stringData"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     assert runtime["stringData"]["MLFLOW_TRACKING_URI"] == "http://srpo-mlflow.srpo.svc:5000"
+
+
+# --- who may reach what: NetworkPolicies, the inference server's identity and keys ----------------------------
+STEP_LABELS = {"app.kubernetes.io/part-of": "srpo", "srpo.io/role": "step"}
+
+
+def policies() -> list[dict]:
+    return [d for _, d in all_docs() if d["kind"] == "NetworkPolicy"]
+
+
+def admitted(pod_labels_: dict, port: int, source_labels: dict) -> bool:
+    """Would a pod with `source_labels` (same namespace) reach `port` of a pod with `pod_labels_`?
+    Ingress isolation: selected by any policy -> only what some policy's rule allows."""
+    selecting = [p for p in policies() if p["spec"]["podSelector"].get("matchLabels", {}).items() <= pod_labels_.items() and "Ingress" in p["spec"]["policyTypes"]]
+    assert selecting, f"no NetworkPolicy selects {pod_labels_}"
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            assert all(set(peer) == {"podSelector"} for peer in rule["from"]), f"{policy['metadata']['name']}: only same-namespace pod peers expected"
+            sources = any(peer["podSelector"].get("matchLabels", {}).items() <= source_labels.items() for peer in rule["from"])
+            ports = any(p["port"] == port for p in rule.get("ports", []))
+            if sources and ports:
+                return True
+    return False
+
+
+def test_network_policies_admit_only_the_clients_of_each_server():
+    deny = [p for p in policies() if p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"] and not p["spec"].get("ingress")]
+    assert [p["metadata"]["name"] for p in deny] == ["default-deny-ingress"]
+    assert deny[0]["metadata"]["namespace"] == NAMESPACE
+    labels = {d["metadata"]["name"]: pod_labels(d) for _, d in all_docs() if d["kind"] == "Deployment"}
+    stranger = {"app.kubernetes.io/part-of": "srpo", "app": "something-else"}
+    assert admitted(labels["srpo-inference"], 8000, STEP_LABELS) and not admitted(labels["srpo-inference"], 8000, stranger)
+    assert not admitted(labels["srpo-inference"], 8000, labels["srpo-mlflow"])
+    assert admitted(labels["srpo-mlflow"], 5000, STEP_LABELS) and not admitted(labels["srpo-mlflow"], 5000, stranger)
+    assert not admitted(labels["srpo-mlflow"], 5000, labels["srpo-inference"])
+    assert admitted(labels["srpo-postgres"], 5432, labels["srpo-mlflow"]) and not admitted(labels["srpo-postgres"], 5432, STEP_LABELS)
+    # the step pods carry the label the policies admit (Metaflow's METAFLOW_KUBERNETES_LABELS)
+    config = rendered_metaflow_config()
+    step_labels = dict(kv.split("=", 1) for kv in config["METAFLOW_KUBERNETES_LABELS"].split(","))
+    assert step_labels == STEP_LABELS
+
+
+def test_inference_server_identity_keys_and_token():
+    docs = {(d["kind"], d["metadata"]["name"]): d for p, d in all_docs() if p.name == "inference-server.yaml"}
+    account = docs[("ServiceAccount", "srpo-inference")]
+    assert account["automountServiceAccountToken"] is False and account["metadata"]["namespace"] == NAMESPACE
+    deployment = docs[("Deployment", "srpo-inference")]
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "srpo-inference" and spec["automountServiceAccountToken"] is False
+    assert not any(b["subjects"][0]["name"] == "srpo-inference" for b in rbac_docs("RoleBinding")), "no API rights"
+    container = spec["containers"][0]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+    assert refs["AWS_ACCESS_KEY_ID"] == refs["AWS_SECRET_ACCESS_KEY"] == "srpo-s3-readonly", "read-only keys, not the steps' srpo-s3"
+    assert refs["SRPO_SERVER_TOKEN"] == "srpo-inference-token"
+    assert "--host=0.0.0.0" in container["args"] and "--artifact-root=$(SRPO_ARTIFACT_ROOT)" in container["args"]
+    assert not any("token" in a for a in container["args"]), "the token never goes on the command line"
+    # the step pods get the token (and no pod but the server gets the read-only keys' Secret by name)
+    assert "srpo-inference-token" in rendered_metaflow_config()["METAFLOW_KUBERNETES_SECRETS"].split(",")
+    assert "srpo-s3" not in rendered_metaflow_config()["METAFLOW_KUBERNETES_SECRETS"].split(",")[1:]
+
+
+def test_rbac_residual_is_documented():
+    text = (K8S / "10-rbac.yaml").read_text()
+    assert "Residual" in text and "srpo-mlflow-db" in text
 
 
 # --- no literal credentials -------------------------------------------------------------------------------
@@ -391,7 +453,9 @@ def test_gpu_image_definition():
 
 # --- the MLflow Deployment's command line, for real --------------------------------------------------------
 @pytest.mark.slow
-def test_mlflow_deployment_command_serves_s3_artifacts(s3_server, s3_bucket, tmp_path, monkeypatch):
+def test_mlflow_deployment_command_leaves_s3_to_its_clients(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """MLflow runs without S3 keys and without the artifact proxy; a client with its own keys
+    (a step pod: srpo-s3, MLFLOW_S3_ENDPOINT_URL of srpo-runtime) writes the artifacts to S3."""
     import boto3
 
     from tests.conftest_servers import MLFLOW_READY_TIMEOUT_S, _executable, free_port, start_server, stop_server, wait_ready
@@ -437,12 +501,22 @@ def test_mlflow_deployment_command_serves_s3_artifacts(s3_server, s3_bucket, tmp
             except urllib.error.HTTPError as exc:
                 return exc.code
 
+        def status_of(target: str) -> int:
+            try:
+                with urllib.request.urlopen(target, timeout=30) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
         assert status("srpo-mlflow.srpo.svc:5000") == 200  # in-cluster clients (srpo-runtime's URI)
         assert status("srpo-mlflow:5000") == 200
         assert status("evil.example.com") in (400, 403)   # DNS-rebinding protection still on
 
+        assert status_of(url + "/api/2.0/mlflow-artifacts/artifacts") != 200  # no proxy to S3 for any caller
+
         from mlflow.tracking import MlflowClient
 
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)  # the client's own S3 access
         client = MlflowClient(tracking_uri=url)
         experiment = client.create_experiment("infra-test")
         run = client.create_run(experiment)

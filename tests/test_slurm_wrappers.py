@@ -101,7 +101,7 @@ def render(name: str, tmp_path: Path) -> str:
     """The wrapper as the golden file records it: SBATCH header, then the commands it would run in
     a fixed pretend allocation (and the sbatch line it submits itself with), paths normalised."""
     out = [f"# {name}: SBATCH header", *sbatch_header(name)]
-    fixed = dict(SRPO_DRY_RUN="1", SLURM_JOB_NAME=job_name(name), SLURM_GPUS_ON_NODE="4", SLURM_ARRAY_JOB_ID="1230")
+    fixed = dict(SRPO_DRY_RUN="1", SLURM_JOB_NAME=job_name(name), SLURM_GPUS_ON_NODE="4", SLURM_ARRAY_JOB_ID="1230", TMPDIR=str(tmp_path / "tmp"))
     args = ("--split", "1x4", "--set", "model.name_or_path=/models/Qwen2.5-14B-Instruct", "--set=eval.every_steps=2")
     if name == "compare.sbatch":
         for task in range(9):
@@ -115,7 +115,7 @@ def render(name: str, tmp_path: Path) -> str:
     proc = run_wrapper(name, base_env(tmp_path, SRPO_DRY_RUN="1"), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out += ["# outside an allocation: submits itself", *shown_commands(proc.stdout)]
-    return "\n".join(out).replace(str(REPO), "<repo>") + "\n"
+    return "\n".join(out).replace(str(REPO), "<repo>").replace(str(tmp_path), "<tmp>") + "\n"
 
 
 @pytest.mark.parametrize("name", WRAPPERS)
@@ -307,3 +307,75 @@ def test_multigpu_needs_gpus(tmp_path):
     env.pop("SLURM_GPUS_ON_NODE")
     proc = run_wrapper("train_multigpu.sbatch", env)
     assert proc.returncode == 2 and "SLURM_GPUS_ON_NODE" in proc.stderr and "--gres=gpu:N" in proc.stderr
+
+
+# --- train_multigpu.sbatch: hostile variables, the port and the token -------------------------------------
+HOSTILE = "x[$(touch {canary})]"  # bash arithmetic runs the command substitution in an array subscript
+
+
+@pytest.mark.parametrize("variable,value", [
+    ("SRPO_SERVER_TIMEOUT", HOSTILE), ("SRPO_SERVER_TIMEOUT", "1+1"), ("SRPO_SERVER_TIMEOUT", "-5"), ("SRPO_SERVER_TIMEOUT", "0"),
+    ("SRPO_SERVER_PORT", HOSTILE), ("SRPO_SERVER_PORT", "1+1"), ("SRPO_SERVER_PORT", "70000"), ("SRPO_SERVER_PORT", "-5"),
+])
+def test_multigpu_numbers_are_checked_never_evaluated(tmp_path, variable, value):
+    """`$((SECONDS + ${SRPO_SERVER_TIMEOUT}))` ran the command substitution inside the variable."""
+    canary = tmp_path / "pwned"
+    value = value.format(canary=canary)
+    proc = run_wrapper("train_multigpu.sbatch", mgpu_env(tmp_path, **{variable: value}), timeout=60)
+    assert proc.returncode == 2 and variable in proc.stderr, proc.stderr
+    assert not canary.exists(), "the variable was evaluated as code"
+    assert not (tmp_path / "server.json").exists(), "refused before the server starts"
+
+
+FAKE_SERVER = """
+import json, os, secrets, stat, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+argv = sys.argv[1:]
+opt = dict(zip(argv, argv[1:]))
+token_file = Path(opt["--token-file"])
+record = {"argv": argv, "pid": os.getpid(), "token_mode": stat.S_IMODE(token_file.stat().st_mode),
+          "dir_mode": stat.S_IMODE(token_file.parent.stat().st_mode), "token": token_file.read_text().strip()}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/ready" else 404)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+server = ThreadingHTTPServer((opt["--host"], int(opt["--port"])), Handler)
+record["bound_port"] = server.server_address[1]
+Path(os.environ["SRPO_FAKE_SERVER_RECORD"]).write_text(json.dumps(record))
+Path(opt["--port-file"]).write_text(str(record["bound_port"]))
+server.serve_forever()
+"""
+
+
+def test_multigpu_port_is_the_kernels_and_the_token_a_private_file(tmp_path):
+    fake = tmp_path / "fake_server.py"
+    fake.write_text(FAKE_SERVER)
+    flow_record = tmp_path / "flow.txt"
+    flow_sh = tmp_path / "flow.sh"
+    flow_sh.write_text(f'env > {flow_record}\necho "ARGS $*" >> {flow_record}\n')
+    env = mgpu_env(tmp_path, SRPO_SERVER_CMD=f"{sys.executable} {fake}", TMPDIR=str(tmp_path), SRPO_CMD=f"{BASH} {flow_sh}")
+    env.pop("SRPO_SERVER_PORT")
+    proc = run_wrapper("train_multigpu.sbatch", env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    server = json.loads((tmp_path / "server.json").read_text())
+    opt = dict(zip(server["argv"], server["argv"][1:]))
+    assert opt["--port"] == "0" and server["bound_port"] > 0  # the kernel's pick, not one derived from the job id
+    assert server["token_mode"] == 0o600 and server["dir_mode"] == 0o700 and len(server["token"]) >= 40
+    assert opt["--artifact-root"] == env["SRPO_ARTIFACT_ROOT"]
+    flow = flow_record.read_text()
+    seen = dict(line.split("=", 1) for line in flow.splitlines() if "=" in line and not line.startswith("ARGS"))
+    assert seen["SRPO_INFERENCE_URL"] == f"http://127.0.0.1:{server['bound_port']}"
+    assert seen["SRPO_SERVER_TOKEN_FILE"] == opt["--token-file"]
+    assert f"rollout.server_url=http://127.0.0.1:{server['bound_port']}" in flow
+    assert server["token"] not in flow and server["token"] not in proc.stdout + proc.stderr  # by file only
+    assert not Path(opt["--token-file"]).parent.exists(), "the token directory goes with the job"
+    assert not pid_alive(server["pid"])

@@ -132,3 +132,25 @@ def test_run_on_real_server(mlflow_server: str, clean_mlflow) -> None:
     assert artifacts == {"plots/reward.png", "tables/eval_step3.csv", "tables/eval_step3.md"}
     md = Path(client.download_artifacts(run.run_id, "tables/eval_step3.md")).read_text()
     assert "| a\\|b | 0.5 |" in md
+
+
+def test_experiments_open_in_the_model_training_view(mlflow_server, clean_mlflow) -> None:
+    """MLflow 3's UI picks its GenAI or model-training view from the `mlflow.experimentKind`
+    experiment tag: every experiment srpo creates or logs into carries the training kind."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    name = f"kind-{uuid.uuid4().hex[:8]}"
+    run = tr.start_training_run(name, tracking_uri=mlflow_server)
+    tr.end_training_run()
+    exp = client.get_experiment(run.experiment_id)
+    assert exp.tags[tr.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an experiment made elsewhere, without a kind, is tagged on first use; an explicit kind is kept
+    plain = client.create_experiment(f"plain-{uuid.uuid4().hex[:8]}")
+    assert tr.ensure_experiment(client, client.get_experiment(plain).name) == plain
+    assert client.get_experiment(plain).tags[tr.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    genai = client.create_experiment(f"genai-{uuid.uuid4().hex[:8]}", tags={tr.EXPERIMENT_KIND_TAG: "genai_development"})
+    tr.ensure_experiment(client, client.get_experiment(genai).name)
+    assert client.get_experiment(genai).tags[tr.EXPERIMENT_KIND_TAG] == "genai_development"
+    assert tr.experiment_url(mlflow_server, plain) == f"{mlflow_server}/#/experiments/{plain}?workflowType=machine_learning"
+    assert tr.experiment_url("sqlite:///x.db", plain) is None

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from srpo_core.compare.plan import ComparisonPlan, RunSpec
@@ -21,6 +21,14 @@ SHORT_NAMES = {
     "livecodebench_medium": "lcbm", "synthetic": "synth", "math500": "m500", "aime24": "aime24", "gsm8k": "gsm8k",
 }  # fmt: skip
 EFFICIENCY_COLUMNS = ("train_h", "gen_h", "val_h", "total_h", "tokens", "resp_mean", "gen_tok_s")
+EFFICIENCY_LEGEND = (
+    "train_h: training-step wall clock (generation, localization, suffixes, verification, update); gen_h: engine sampling "
+    "(rollouts, suffixes, localization); val_h: all evaluations; total_h = train_h + val_h; tokens: every token the policy "
+    "generated in training steps = trained rollouts (tokens/trained: base, shared-prefix suffixes without their copied prefix, "
+    "fallback) + seeds (tokens/seed) + chains dropped by the seed search (tokens/dropped) + localization answers "
+    "(tokens/localization); an audit judge model's tokens and evaluation tokens are not counted; resp_mean: mean response "
+    "length over rollouts (reset prefix included); gen_tok_s = tokens / gen time."
+)
 
 
 # ---- tables ----------------------------------------------------------------------------------------
@@ -150,7 +158,7 @@ class EfficiencyTable:
         lines = [f"Compute per method (paper table 7), mean over {_seeds_text(seeds)}:", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * len(EFFICIENCY_COLUMNS)]
         for lab in self.rows:
             lines.append(f"| {lab} | " + " | ".join(self.fmt(c, self.value(lab, c)) for c in EFFICIENCY_COLUMNS) + " |")
-        lines += ["", "train_h: training-step wall clock (generation, localization, suffixes, verification, update); gen_h: engine sampling (rollouts, suffixes, localization); val_h: all evaluations; total_h = train_h + val_h; tokens: tokens sampled in training steps; resp_mean: mean response length over rollouts (reset prefix included); gen_tok_s = tokens / gen time.", ""]
+        lines += ["", EFFICIENCY_LEGEND, ""]
         if self.reference in self.rows:
             lines += [f"Normalised to {self.reference} (paper table 8, {self.reference} = 1.00):", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * len(EFFICIENCY_COLUMNS)]
             for lab in self.rows:
@@ -199,7 +207,24 @@ def efficiency_table(labels: list[str], results: list[TrainingResult]) -> Effici
     return EfficiencyTable(rows, "GRPO" if "GRPO" in rows else None)
 
 
+def _curve_band(values: list[float], n_items: int) -> tuple[float, float, float]:
+    """(mean, low, high) in %: mean ± SD over seeds when there are several, else the Wilson 95%
+    interval of one accuracy over its `n_items` evaluation items (no band without them)."""
+    from srpo_core.audit import wilson
+
+    m, sd = mean_sd(values)
+    if sd is not None:
+        return m, m - sd, m + sd
+    if n_items > 0:
+        lo, hi = wilson(round(m / 100 * n_items), n_items)
+        return m, 100 * lo, 100 * hi
+    return m, m, m
+
+
 def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list[TrainingResult], path: Path) -> Path:
+    """Accuracy against training step per benchmark, one line per method with its interval band
+    (mean ± SD over seeds; a single seed: Wilson 95% over the evaluation items). Every text stays
+    inside the saved figure (constrained layout, legend below the panels, tight bounding box)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,22 +233,23 @@ def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list
 
     cols = min(len(benchmarks), 4) or 1
     nrows = math.ceil(len(benchmarks) / cols) or 1
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows + 0.8), squeeze=False, layout="constrained")
+    seeds_per_label = {lab: len({r.seed for r in results if r.label == lab}) for lab in labels}
     for ax, b in zip(axes.flat, benchmarks):
         for lab in labels:
             by_step: dict[int, list[float]] = {}
+            n_items = 0
             for r in results:
                 if r.label == lab:
+                    n_items = max(n_items, int(r.n.get(b, 0)))
                     for s, acc in r.curves.get(b, []):
                         by_step.setdefault(int(s), []).append(100 * acc)
             if not by_step:
                 continue
             steps = sorted(by_step)
-            stats = [mean_sd(by_step[s]) for s in steps]
-            mean = [m for m, _ in stats]
-            sd = [s or 0.0 for _, s in stats]
-            (line,) = ax.plot(steps, mean, marker="o", label=lab)
-            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], color=line.get_color(), alpha=0.15)
+            bands = [_curve_band(by_step[s], n_items) for s in steps]
+            (line,) = ax.plot(steps, [m for m, _, _ in bands], marker="o", label=lab)
+            ax.fill_between(steps, [lo for _, lo, _ in bands], [hi for _, _, hi in bands], color=line.get_color(), alpha=0.15)
         lo, hi = ax.get_ylim()
         lo, hi = max(0.0, lo), min(100.0, hi)
         if hi - lo < 10:  # flat curves (e.g. all 0%): a readable band around them
@@ -231,7 +257,7 @@ def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list
             lo, hi = max(0.0, mid - 5), min(100.0, max(0.0, mid - 5) + 10)
         ax.set_ylim(lo - 1, hi + 1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(b)
+        ax.set_title(b, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
@@ -239,13 +265,33 @@ def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, names, loc="lower center", ncol=len(names), bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("Accuracy vs training step (mean ± SD over seeds)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4), fontsize=9)
+    several = [lab for lab, k in seeds_per_label.items() if k > 1]
+    band = "mean ± SD over seeds" if len(several) == len(labels) else ("Wilson 95% over items (one seed)" if not several else "± SD over seeds; one seed: Wilson 95%")
+    fig.suptitle(f"Accuracy vs training step ({band})", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_audits(labels: list[str], specs: list[RunSpec], out: Path) -> list[Path]:
+    """The localization audit figure (srpo_core/audit.plot_audit) of each method row, from the
+    rollouts.jsonl of its trainings (all seeds and steps); rows without judged seeds get none."""
+    from srpo_core import audit
+
+    paths = []
+    for lab in labels:
+        records = []
+        for s in specs:
+            if s.label == lab:
+                for f in sorted(Path(s.out_dir).glob("steps/*/rollouts.jsonl")):
+                    records += audit.read_records(f.read_text())
+        slug = "".join(c if c.isalnum() else "_" for c in lab).strip("_").lower()
+        path = out / f"audit_{slug}.png"
+        if audit.plot_audit(records, path, title=f"Localization audit: {lab}") is not None:
+            paths.append(path)
+    return paths
 
 
 # ---- the comparison --------------------------------------------------------------------------------
@@ -257,8 +303,7 @@ def open_parent_run(plan: ComparisonPlan, experiment: str, tracking_uri: str) ->
 
     uri = tracking.check_tracking_reachable(tracking_uri)
     client = tracking.client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = tracking.ensure_experiment(client, experiment)
     cfg = from_dict(plan.config)
     tags = {"comparison_id": plan.comparison_id, "kind": "comparison", "model": cfg.model.name_or_path, "task": cfg.data.task, "preset": cfg.name}
     run = client.create_run(exp_id, run_name=f"compare {plan.comparison_id}", tags=tags)
@@ -282,6 +327,7 @@ class ComparisonOutput:
     runs_jsonl: Path
     results: ResultsTable
     efficiency: EfficiencyTable
+    audit_pngs: list[Path] = field(default_factory=list)  # localization audit figures, one per method row with judged seeds
 
 
 def finish_comparison(plan: ComparisonPlan | dict, results: list[TrainingResult | dict], status: str = "FINISHED") -> ComparisonOutput:
@@ -299,6 +345,7 @@ def finish_comparison(plan: ComparisonPlan | dict, results: list[TrainingResult 
     paths.efficiency_md.write_text(f"# Efficiency {plan.comparison_id}\n\n" + et.markdown())
     paths.efficiency_csv.write_text(et.csv())
     plot_learning_curves(plan.labels, plan.benchmarks, results, paths.curves_png)
+    paths.audit_pngs = plot_audits(plan.labels, plan.specs, out)
     paths.runs_jsonl.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
     (out / "comparison.json").write_text(json.dumps({"comparison_id": plan.comparison_id, "labels": plan.labels, "benchmarks": plan.benchmarks, "parent_run_id": plan.parent_run_id, "tracking_uri": plan.tracking_uri, "trainings": [s.training_id for s in plan.specs]}, indent=1))
     if plan.parent_run_id:
@@ -307,7 +354,8 @@ def finish_comparison(plan: ComparisonPlan | dict, results: list[TrainingResult 
         client = tracking.client(plan.tracking_uri)
         for p in (paths.results_md, paths.results_csv, paths.efficiency_md, paths.efficiency_csv):
             client.log_artifact(plan.parent_run_id, str(p), artifact_path="tables")
-        client.log_artifact(plan.parent_run_id, str(paths.curves_png), artifact_path="figures")
+        for fig in (paths.curves_png, *paths.audit_pngs):
+            client.log_artifact(plan.parent_run_id, str(fig), artifact_path="figures")
         client.log_artifact(plan.parent_run_id, str(paths.runs_jsonl))
         client.set_terminated(plan.parent_run_id, status)
     return paths

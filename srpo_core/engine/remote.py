@@ -1,13 +1,19 @@
 """`RemoteEngine`: the rollout-engine interface over HTTP, against `python -m srpo_core.server`.
 
-    engine = RemoteEngine("http://inference:8000", adapter_version="step-3")
+    engine = RemoteEngine("http://inference:8000", token=token)   # or $SRPO_SERVER_TOKEN(_FILE)
     engine.check_ready()                      # fails fast, naming the URL, before any phase work
-    engine.load_adapter("s3://bucket/runs/t/steps/000003/adapter", "step-3")
+    engine.load_adapter("s3://bucket/runs/t/steps/000003/adapter", "step-3", sha256=adapter_sha)
     engine.generate_thoughts(requests, limits, sampling)   # every Rollout carries adapter_version
 
-`adapter_version` is the version this client requires: every model call names it and the server
-answers 409 (raised here as `AdapterVersionError`) rather than serve another. With
-`adapter_version=None` the server uses its active version and the results say which.
+Authentication: the bearer token is the `token` argument, else $SRPO_SERVER_TOKEN, else the
+contents of the file named by $SRPO_SERVER_TOKEN_FILE; it is sent on every request and never
+appears in repr() or error messages. A 401 raises `ServerAuthError`.
+
+`adapter_version` is the version this client requires, `adapter_sha256` the content it requires:
+every model call names both and the server answers 409 (raised here as `AdapterVersionError`)
+rather than serve another version or other weights under the same name. `load_adapter(...,
+sha256=...)` sets both. With `adapter_version=None` the server uses its active version and the
+results say which.
 
 Light on purpose (stdlib urllib + json, no torch): a workflow step that only orchestrates can use it.
 """
@@ -15,7 +21,7 @@ Light on purpose (stdlib urllib + json, no torch): a workflow step that only orc
 from __future__ import annotations
 
 import json
-import socket
+import os
 import time
 import urllib.error
 import urllib.request
@@ -42,24 +48,51 @@ class ServerNotReadyError(RemoteEngineError):
 
 
 class AdapterVersionError(RemoteEngineError):
-    """The server does not hold the adapter version the request requires (HTTP 409)."""
+    """The server does not hold the adapter version the request requires, or holds other weights
+    under it (HTTP 409)."""
+
+
+class ServerAuthError(RemoteEngineError):
+    """The server refused the bearer token (HTTP 401): none given, or not the server's."""
+
+
+TOKEN_ENV = "SRPO_SERVER_TOKEN"
+TOKEN_FILE_ENV = "SRPO_SERVER_TOKEN_FILE"
+
+
+def token_from_env() -> str | None:
+    """$SRPO_SERVER_TOKEN, else the contents of the file named by $SRPO_SERVER_TOKEN_FILE."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if path:
+        try:
+            return open(path).read().strip() or None
+        except OSError as exc:
+            raise ServerAuthError(f"${TOKEN_FILE_ENV}={path}: cannot read the server token ({exc.strerror})") from None
+    return None
 
 
 class RemoteEngine(RolloutEngine):
-    def __init__(self, url: str, adapter_version: str | None = None, timeout: float = 3600.0, connect_timeout: float = 5.0):
+    def __init__(self, url: str, adapter_version: str | None = None, timeout: float = 3600.0, connect_timeout: float = 5.0, *, token: str | None = None, adapter_sha256: str | None = None):
         self.url = url.rstrip("/")
         self.adapter_version = adapter_version
+        self.adapter_sha256 = adapter_sha256
         self.timeout = timeout  # model calls (long: a generation phase on a big batch)
         self.connect_timeout = connect_timeout  # health/ready/adapter listing
+        self._token = token or token_from_env()
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # never the token
         return f"RemoteEngine({self.url!r}, adapter_version={self.adapter_version!r})"
 
     # ---- HTTP ------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> dict:
         url = self.url + path
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"} if data is not None else {})
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout if timeout is None else timeout) as resp:
                 return json.loads(resp.read() or b"{}")
@@ -69,14 +102,15 @@ class RemoteEngine(RolloutEngine):
                 msg = json.loads(raw).get("error") or raw.decode(errors="replace")
             except (ValueError, AttributeError):
                 msg = raw.decode(errors="replace") or exc.reason
-            cls = {409: AdapterVersionError, 503: ServerNotReadyError}.get(exc.code, RemoteEngineError)
+            cls = {401: ServerAuthError, 409: AdapterVersionError, 503: ServerNotReadyError}.get(exc.code, RemoteEngineError)
             raise cls(f"inference server at {self.url}: {method} {path} -> HTTP {exc.code}: {msg}", status=exc.code, url=self.url) from None
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServerUnreachableError(f"inference server at {self.url} is unreachable ({method} {path}): {reason}", url=self.url) from None
 
     def _model_call(self, path: str, body: dict) -> dict:
         body["adapter_version"] = self.adapter_version
+        body["adapter_sha256"] = self.adapter_sha256
         return self._call("POST", path, body)
 
     # ---- server state ----------------------------------------------------------------------
@@ -105,12 +139,13 @@ class RemoteEngine(RolloutEngine):
     def adapters(self) -> dict:
         return self._call("GET", "/adapters", timeout=self.connect_timeout)
 
-    def load_adapter(self, uri: str, version: str, use: bool = True) -> dict:
-        """Load the PEFT adapter at `uri` (local dir, file:// or s3://) on the server as `version`;
-        with `use`, this client then requires that version."""
-        out = self._call("POST", "/adapters/load", {"uri": str(uri), "version": version})
+    def load_adapter(self, uri: str, version: str, sha256: str, use: bool = True) -> dict:
+        """Load the PEFT adapter at `uri` (a path, file:// or s3:// under the server's artifact
+        root) on the server as `version`, refused unless its content hash (`adapter_sha256`) is
+        `sha256`; with `use`, this client then requires that version with that hash."""
+        out = self._call("POST", "/adapters/load", {"uri": str(uri), "version": version, "sha256": sha256})
         if use:
-            self.adapter_version = version
+            self.adapter_version, self.adapter_sha256 = version, out["sha256"]
         return out
 
     def unload_adapter(self, version: str) -> dict:

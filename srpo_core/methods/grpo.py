@@ -27,7 +27,7 @@ class GRPO(Method):
 
     def verify(self, ctx, shard) -> None:
         for state, rollouts in zip(shard.states, shard.pending):
-            for att in R.verify(ctx.task, state.item, rollouts, shard.timings):
+            for att in R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished):
                 state.attempts += 1
                 if not att.rollout.spans:
                     att.reward = 0.0

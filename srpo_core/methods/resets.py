@@ -3,7 +3,9 @@
     generate       first round of the seed search, unscored
     verify         score it: seeds (first incorrect chains) and base candidates
     localize       finish the seed search (further rounds scored in-process), close the base
-                   groups (fill chains sampled, unscored), pick each seed's reset h*
+                   groups (fill chains sampled, unscored), pick each seed's reset h* (a seed
+                   whose localization raises resets at thought 1, status `error`), and the
+                   localization audit's judge verdict per seed (srpo_core/audit.py)
     suffix         sample the G suffixes of each reset prefix x* (prefix encoded once per seed)
     verify_suffix  score fill chains and suffixes; records (base / shared_prefix / fallback / seed)
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
+from srpo_core import audit
 from srpo_core import rollouts as R
 from srpo_core.methods import register
 from srpo_core.methods.base import Method, Variant, records_to_shard
@@ -24,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def seed_search(cfg) -> R.SeedSearch:
     m = cfg.method
-    return R.SeedSearch(R.SPLITS[m.split], m.seed_search_budget, m.rollouts_per_prompt, m.incorrect_threshold)
+    return R.SeedSearch(R.SPLITS[m.split], m.seed_search_budget, m.rollouts_per_prompt, m.incorrect_threshold, cfg.rollout.score_unfinished)
 
 
 class ResetMethod(Method):
@@ -50,7 +53,7 @@ class ResetMethod(Method):
 
     def verify(self, ctx, shard) -> None:
         search = seed_search(ctx.cfg)
-        R.absorb_round(ctx.task, shard.states, shard.pending, search.spec, search.incorrect_threshold, shard.timings)
+        R.absorb_round(ctx.task, shard.states, shard.pending, search, shard.timings)
         shard.pending = []
 
     def localize(self, ctx, shard) -> None:
@@ -61,10 +64,15 @@ class ResetMethod(Method):
         in_search = shard.timings.get("verification", 0.0) - verified  # scored in-process: verification, not generation
         shard.timings["generation"] = shard.timings.get("generation", 0.0) + time.perf_counter() - start - in_search
         cases = R.seed_cases(shard.states)
-        lctx = R.LocalizeContext(ctx.policy, ctx.task, m.localization_template, m.resolved_localization_temperature, m.localization_max_tokens, cfg.model.chat_template_for_localization, ctx.seed("localize"))
+        lctx = R.LocalizeContext(
+            ctx.policy, ctx.task, m.localization_template, m.resolved_localization_temperature, m.localization_max_tokens, cfg.model.chat_template_for_localization, ctx.seed("localize")
+        )
         start = time.perf_counter()
-        shard.locs = R.LOCALIZERS[m.resolved_localizer](cases, lctx)
+        shard.locs = R.localize(m.resolved_localizer, cases, lctx)
         shard.timings["localization"] = shard.timings.get("localization", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        shard.locs = audit.judge_seeds(cases, shard.locs, cfg, ctx.task, ctx.seed("localize"))
+        shard.timings["audit"] = shard.timings.get("audit", 0.0) + time.perf_counter() - start
 
     def suffix(self, ctx, shard) -> None:
         start = time.perf_counter()
@@ -74,9 +82,9 @@ class ResetMethod(Method):
     def verify_suffix(self, ctx, shard) -> None:
         start = time.perf_counter()
         for state, rollouts in zip(shard.states, shard.fill):
-            state.base.extend(R.verify(ctx.task, state.item, rollouts))
+            state.base.extend(R.verify(ctx.task, state.item, rollouts, score_unfinished=ctx.cfg.rollout.score_unfinished))
         shard.fill = []
-        records = R.build_records(ctx.task, ctx.step, shard.states, shard.locs, shard.suffixes)
+        records = R.build_records(ctx.task, ctx.step, shard.states, shard.locs, shard.suffixes, ctx.cfg.rollout.score_unfinished)
         shard.timings["verification"] = shard.timings.get("verification", 0.0) + time.perf_counter() - start
         records_to_shard(shard, records)
 

@@ -129,6 +129,7 @@ def canary_check(server_engine, learner, version: str, tol: float | None = None,
     if isinstance(server_engine, RemoteEngine):
         eng = copy.copy(server_engine)
         eng.adapter_version = version
+        eng.adapter_sha256 = expected_sha256  # pinned by content too: other weights under `version` are a 409
         try:
             info = eng.ready()
             server_dtype = info.get("dtype")

@@ -9,11 +9,19 @@
 The server binds port 0 by default and reports the port it got through `--port-file`, so two
 servers never race for a port. A server that exits before it is ready raises `ServerStartError`
 with the tail of its log.
+
+Each start generates a fresh bearer token (`secrets.token_urlsafe(32)`, 256 bits): it reaches the
+child through its environment ($SRPO_SERVER_TOKEN, which the server removes from its own
+environment once read), never its command line or a log, and is `handle.token`; `handle.engine()`
+sends it. Give it to other processes that call the server through their environment too.
+Adapters load only from under `artifact_roots` (default: the artifact store root of this process,
+`srpo_core.store.default_root()`).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,6 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 
 class ServerStartError(RuntimeError):
@@ -43,10 +52,12 @@ class ServerHandle:
     log_path: Path
     workdir: Path
     _owned_workdir: bool = field(default=False, repr=False)
+    token: str = field(default="", repr=False)  # the bearer token of this start (never printed)
 
     def engine(self, adapter_version: str | None = None, **kwargs):
         from srpo_core.engine.remote import RemoteEngine
 
+        kwargs.setdefault("token", self.token)
         return RemoteEngine(self.url, adapter_version=adapter_version, **kwargs)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -68,7 +79,7 @@ class ServerHandle:
             shutil.rmtree(self.workdir / "cache", ignore_errors=True)
         return proc.returncode
 
-    def __enter__(self) -> "ServerHandle":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -97,14 +108,15 @@ def start_server(
     threads: int | None = None,
     max_adapters: int | None = None,
     adapters: dict[str, str] | None = None,
+    artifact_roots: list[str] | tuple[str, ...] | None = None,
     extra_args: list[str] | tuple[str, ...] = (),
     ready_timeout: float = 600.0,
     workdir: str | os.PathLike | None = None,
     env: dict[str, str] | None = None,
     command_prefix: list[str] | tuple[str, ...] = (),
 ) -> ServerHandle:
-    """Spawn `python -m srpo_core.server` (after `command_prefix`, e.g. a watchdog) and wait
-    until /ready answers 200."""
+    """Spawn `python -m srpo_core.server` (after `command_prefix`, e.g. a watchdog) with a fresh
+    token and wait until /ready answers 200."""
     owned = workdir is None
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="srpo-server-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -120,10 +132,17 @@ def start_server(
         cmd += ["--threads", str(threads)]
     if max_adapters:
         cmd += ["--max-adapters", str(max_adapters)]
+    if artifact_roots is None:
+        from srpo_core.store import default_root
+
+        artifact_roots = [default_root()]
+    for root in artifact_roots:
+        cmd += ["--artifact-root", str(root)]
     for version, uri in (adapters or {}).items():
         cmd += ["--adapter", f"{version}={uri}"]
     cmd = [*command_prefix, *cmd, *extra_args]
-    child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
+    token = secrets.token_urlsafe(32)
+    child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {}), "SRPO_SERVER_TOKEN": token}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env, start_new_session=True)
     handle = None
@@ -134,7 +153,7 @@ def start_server(
             if code is not None:
                 raise ServerStartError(f"inference server exited with code {code} before it was ready; command: {' '.join(cmd)}\nlog {log_path}:\n{_tail(log_path)}")
             if handle is None and port_file.exists():
-                handle = ServerHandle(f"http://{host}:{int(port_file.read_text())}", proc, log_path, work, owned)
+                handle = ServerHandle(f"http://{host}:{int(port_file.read_text())}", proc, log_path, work, owned, token)
             if handle is not None and http_status(handle.url + "/ready") == 200:
                 return handle
             time.sleep(0.2)

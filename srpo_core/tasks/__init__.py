@@ -36,6 +36,9 @@ class SyntheticTask:
 
         return synthetic.first_error(synthetic.Problem(item.id, item.question, item.gold), thoughts)
 
+    def is_incorrect(self, item: TaskItem, reward: float) -> bool:
+        return reward <= 0.0  # binary reward: incorrect = reward 0
+
 
 TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask}
 

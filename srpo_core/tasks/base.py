@@ -27,3 +27,15 @@ class Task(Protocol):
     def reward(self, item: TaskItem, response: str) -> float: ...
 
     def first_error(self, item: TaskItem, thoughts: list[str]) -> int | None: ...
+
+    def is_incorrect(self, item: TaskItem, reward: float) -> bool:
+        """The seed rule of paper algorithm 2: whether a chain with this reward is incorrect
+        (binary tasks: reward 0; code: not all training tests passed, reward < 1)."""
+        ...
+
+
+def is_incorrect(task: Task, item: TaskItem, reward: float) -> bool:
+    """`task.is_incorrect(item, reward)`, or, for a task without the rule, a binary task's rule
+    (reward 0 is incorrect: not reaching full reward, reward < 1)."""
+    rule = getattr(task, "is_incorrect", None)
+    return bool(rule(item, reward)) if rule is not None else reward < 1.0

@@ -20,7 +20,8 @@ Items
     question = ``Benchmark.format_prompt(item)`` (options and answer instruction included), gold =
     the item's gold, ``meta["item"]`` = the benchmark :class:`~srpo_core.benchmarks.Item`.
     reward = ``Benchmark.score(response, item).score`` (fraction of tests for code). No step
-    checker (``first_error`` returns None).
+    checker (``first_error`` returns None). Seed rule (``is_incorrect``): code chains that do not
+    pass all their training tests, other chains with reward 0.
 
 Malformed rows and sources (explicit, never silently wrong)
     ``BenchmarkTask(name, on_error="raise"|"skip", source="local"|"hub", path=None)``. The
@@ -39,6 +40,7 @@ import warnings
 from collections.abc import Callable, MutableMapping
 
 from srpo_core.benchmarks import BENCHMARKS, Benchmark, BenchmarkDataWarning, get_benchmark, sample_items
+from srpo_core.benchmarks.items import CODE
 from srpo_core.benchmarks.registry import ENV_BENCHMARK_SOURCE, ON_ERROR, SOURCES
 from srpo_core.tasks.base import Task, TaskItem
 
@@ -137,6 +139,13 @@ class BenchmarkTask:
 
     def first_error(self, item: TaskItem, thoughts: list[str]) -> int | None:
         return None
+
+    def is_incorrect(self, item: TaskItem, reward: float) -> bool:
+        """Code: not all training tests passed (reward < 1); every other answer type is binary:
+        reward 0 (REFERENCE "Algorithm 2")."""
+        bench_item = item.meta.get("item")
+        code = bench_item.answer_type == CODE if bench_item is not None else CODE in self.benchmark.answer_types
+        return reward < 1.0 if code else reward <= 0.0
 
 
 def register_all(tasks: MutableMapping[str, Callable[..., Task]]) -> None:
