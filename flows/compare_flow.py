@@ -12,7 +12,10 @@ the learning-curve PNG and the MLflow parent/child runs are the same.
 
 from metaflow import Config, FlowSpec, Parameter, current, resources, step
 
-from srpo_core.flow_driver import default_config_path, parse_config
+from srpo_core.flow_config import default_config_path, parse_config
+from srpo_core.metaflow_env import ensure_metaflow_user
+
+ensure_metaflow_user()
 
 
 def _list(text: str) -> list[str]:

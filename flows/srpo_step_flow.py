@@ -9,7 +9,10 @@ import time
 
 from metaflow import Config, FlowSpec, Parameter, current, resources, retry, step, timeout
 
-from srpo_core.flow_driver import default_config_path, parse_config
+from srpo_core.flow_config import default_config_path, parse_config
+from srpo_core.metaflow_env import ensure_metaflow_user
+
+ensure_metaflow_user()
 
 
 class SRPOStepFlow(FlowSpec):
@@ -28,7 +31,7 @@ class SRPOStepFlow(FlowSpec):
     """
 
     config = Config("config", default=default_config_path, parser=parse_config)
-    context = Parameter("context", required=True, help="JSON: training_id, step, artifact_root, parent_step, total_steps, server_url")
+    context = Parameter("context", required=True, help="JSON: training_id, step, artifact_root, parent_step, total_steps, server_url, learner_dir")
 
     @step
     def start(self):
@@ -36,7 +39,7 @@ class SRPOStepFlow(FlowSpec):
 
         self.t0 = time.time()
         c = json.loads(self.context)
-        self.ctx = StepContext(self.config.to_dict(), c["training_id"], int(c["step"]), current.run_id, c["artifact_root"], c["parent_step"], c.get("server_url", ""))
+        self.ctx = StepContext(self.config.to_dict(), c["training_id"], int(c["step"]), current.run_id, c["artifact_root"], c["parent_step"], c.get("server_url", ""), c.get("learner_dir", ""))
         self.total_steps = int(c["total_steps"])
         self.shards = list(enumerate(plan_shards(self.ctx, int(self.config.resources.shards))))
         self.next(self.generate, foreach="shards")

@@ -7,47 +7,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import statistics
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from srpo_core import data_order, identity
 from srpo_core import store as S
 from srpo_core.config import Config, ConfigError, from_dict, results_config
+from srpo_core.flow_config import DEFAULT_RESOURCES, PHASES, default_config_path, parse_config  # noqa: F401  (re-exported)
 
-PHASES = ("generation", "localization", "suffix", "learner", "evaluation", "verification")
-DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120, "shared_memory": None}  # shared_memory: MB of /dev/shm (Kubernetes)
 STEP_FLOW = Path(__file__).resolve().parent.parent / "flows" / "srpo_step_flow.py"
-
-
-def parse_config(text: str) -> dict:
-    """Metaflow Config parser: YAML -> validated Config -> dict with every phase's resources."""
-    data = yaml.safe_load(text) or {}
-    cfg = from_dict(data)
-    out = cfg.to_dict()
-    res = dict(cfg.resources)
-    for phase in PHASES:
-        res[phase] = {**DEFAULT_RESOURCES, **(res.get(phase) or {})}
-    res.setdefault("image", "")
-    res.setdefault("shards", 1)
-    out["resources"] = res
-    return out
-
-
-def default_config_path(_ctx=None) -> str:
-    """`SRPO_CONFIG` (a preset name or a YAML file), default the `tiny` preset."""
-    from srpo_core.config import resolve_config_path
-
-    name = os.environ.get("SRPO_CONFIG", "tiny")
-    try:
-        return str(resolve_config_path(name))
-    except ConfigError as exc:
-        raise ConfigError(f"SRPO_CONFIG: {exc}") from None
 
 
 def apply_overrides(cfg_dict: dict, method: str, split: str, localizer: str, seed: int, sets: str, steps: int) -> Config:
@@ -65,6 +39,11 @@ class Plan:
     next_step: int
     mlflow_run_id: str
     tracking_uri: str
+    log_path: str = ""  # the epoch-step runs' task logs (local file)
+    server_url: str = ""  # the training's own inference server (rollout.server_url: auto)
+    server_pid: int = 0  # its watchdog
+    learner_dir: str = ""  # the training's own learner worker (rollout.server_url: auto)
+    learner_pid: int = 0  # its watchdog
 
 
 def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Plan:
@@ -88,12 +67,26 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
     if resumed:
         old = S.read_manifest(store, tid, last)
         if old.config_hash != S.config_hash(results_config(cfg.to_dict())):
-            raise ConfigError(f"training {tid!r} was started with another config (hash {old.config_hash}); resume it with the same config and flags (resources, rollout.server_url, train.processes and model.threads may change)")
+            may_change = "resources, rollout.server_url, train.processes and model.threads may change"
+            raise ConfigError(f"training {tid!r} was started with another config (hash {old.config_hash}); resume it with the same config and flags ({may_change})")
     tags = identity.tags(cfg, tid)
     run_id = find_mlflow_run(tid, experiment)
     with tracking.start_training_run(experiment, run_name=tid, tags=tags, params=tracking.flatten_config(cfg.to_dict()), run_id=run_id) as run:
         mlflow_run_id = run.run_id
-    return Plan(cfg.to_dict(), tid, store.uri, data_order.n_steps(cfg, items), 0 if last is None else last + 1, mlflow_run_id, uri)
+    return Plan(cfg.to_dict(), tid, store.uri, data_order.n_steps(cfg, items), 0 if last is None else last + 1, mlflow_run_id, uri, log_path=str(step_log_path(tid)))
+
+
+def announce(plan: Plan) -> None:
+    """The training's first progress event: its id, steps, and where the task logs go."""
+    from srpo_core import progress
+
+    progress.emit({"type": "training", "training_id": plan.training_id, "total_steps": plan.total_steps, "first_step": plan.next_step, "log_path": plan.log_path, "artifacts": plan.artifact_root})
+
+
+def step_log_path(training_id: str) -> Path:
+    """Where the epoch-step runs' task logs of a training go: `SRPO_LOG_DIR` (default ./srpo_logs)
+    /<training_id>/steps.log, appended on resume."""
+    return (Path(os.environ.get("SRPO_LOG_DIR") or "srpo_logs") / training_id / "steps.log").resolve()
 
 
 def find_mlflow_run(training_id: str, experiment: str) -> str | None:
@@ -151,60 +144,239 @@ class StepReport:
     phase_seconds: float
 
 
-def launch_step(plan: Plan, step: int, show_output: bool = True, argv: list[str] | None = None) -> StepReport:
-    """Run epoch step `step` as its own Metaflow run (SRPOStepFlow) and wait for it."""
+def launch_step(plan: Plan, step: int, show_output: bool = False, argv: list[str] | None = None) -> StepReport:
+    """Run epoch step `step` as its own Metaflow run (SRPOStepFlow) and wait for it. Its task logs
+    go to `plan.log_path` (and to stdout with `show_output`); the phase running is reported to
+    the progress display (srpo_core/progress.py)."""
     cfg = from_dict(plan.config)
     options = inherited_options(sys.argv if argv is None else argv)
     ctx = {"training_id": plan.training_id, "step": step, "artifact_root": plan.artifact_root, "parent_step": step - 1 if step > 0 else None, "total_steps": plan.total_steps}
     tags = [f"training_id:{plan.training_id}", f"method:{cfg.method.method}", f"seed:{cfg.train.seed}", f"step:{step}"]
-    env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, "USERNAME": os.environ.get("USERNAME", "srpo"), **kubernetes_env(cfg)}
+    env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, **kubernetes_env(cfg)}
     start = time.perf_counter()
-    with inference_server(cfg, plan.artifact_root) as (url, token):
+    if options.get("decospecs") and cfg.rollout.server_url == "auto":  # steps run elsewhere (--with kubernetes): no local services
+        cfg = cfg.override(**{"rollout.server_url": ""})
+    with inference_server(cfg, plan) as (url, token):
         ctx["server_url"] = url
-        if token:  # to the phase steps by environment only: never a parameter or an artifact
+        ctx["learner_dir"] = plan.learner_dir if plan.learner_pid and _alive(plan.learner_pid) else ""
+        # the token reaches the phase steps by environment only: never a parameter or an artifact
+        if token:
             env["SRPO_SERVER_TOKEN"] = token
+        elif plan.server_url and url == plan.server_url:  # ("" hides a token of another server from this one's callers)
+            env.update({"SRPO_SERVER_TOKEN": "", "SRPO_SERVER_TOKEN_FILE": server_token_file(plan)})
         elif os.environ.get("SRPO_SERVER_TOKEN_FILE"):
             env["SRPO_SERVER_TOKEN_FILE"] = os.environ["SRPO_SERVER_TOKEN_FILE"]
-        return _run_step(plan, step, ctx, tags, env, options, show_output, start)
+        return _run_step(plan, step, StepLaunch(ctx, tags, env, options, show_output), start)
+
+
+# ---- the inference server of a training ----------------------------------------------------------
 
 
 @contextmanager
-def inference_server(cfg: Config, artifact_root: str):
-    """(URL, bearer token) of the server the phase steps call: none ("", ""), a local one for this
-    epoch step ("auto": a fresh token, adapters only from `artifact_root`), or the configured URL
-    (its token from $SRPO_SERVER_TOKEN, or $SRPO_SERVER_TOKEN_FILE read by the steps)."""
+def inference_server(cfg: Config, plan: Plan):
+    """(URL, bearer token) of the server the phase steps call: none ("", ""), the training's own
+    ("auto": started once by `start_training_server`; its token is in `server_token_file`, so ""
+    here), a local one for this epoch step when the plan has none ("auto": a fresh token, adapters
+    only from the plan's artifact root), or the configured URL (its token from $SRPO_SERVER_TOKEN,
+    or $SRPO_SERVER_TOKEN_FILE read by the steps)."""
     if cfg.rollout.server_url != "auto":
         yield cfg.rollout.server_url, os.environ.get("SRPO_SERVER_TOKEN", "")
+        return
+    if plan.server_url:
+        from srpo_core.server.launch import http_status
+
+        if http_status(plan.server_url + "/ready") != 200:  # e.g. a `resume` of this flow, whose start step was not rerun
+            start_training_server(plan, watch_pid=os.getppid())
+        yield plan.server_url, ""
         return
     from srpo_core.runtime import resolve_model_path
     from srpo_core.server.launch import start_server
 
-    with start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None, artifact_roots=[artifact_root]) as handle:
+    with start_server(resolve_model_path(cfg.model.name_or_path), dtype=cfg.model.dtype, threads=cfg.model.threads or None, artifact_roots=[plan.artifact_root]) as handle:
         yield handle.url, handle.token
 
 
-def _run_step(plan: Plan, step: int, ctx: dict, tags: list[str], env: dict, options: dict, show_output: bool, start: float) -> "StepReport":
-    from metaflow import Runner
+def start_training_server(plan: Plan, watch_pid: int) -> None:
+    """`rollout.server_url: auto`: the training's local services, started once for all its epoch
+    steps: an inference server holding the base model (each step hot-loads its adapter), so the
+    sampling phases import no torch and load no model, and a learner worker
+    (srpo_core/learner_worker.py) that keeps torch and the learner code imported, so the learner
+    step imports neither. Both outlive the flow step that starts them and stop in
+    `stop_training_server` (the flow's `end`, or a failed step), or by themselves when process
+    `watch_pid` (the Metaflow runtime of this training) is gone: a killed training leaves neither."""
+    cfg = from_dict(plan.config)
+    if cfg.rollout.server_url != "auto" or inherited_options(sys.argv).get("decospecs"):  # --with kubernetes: phases run in pods, which cannot reach it
+        return
+    from srpo_core.runtime import resolve_model_path
+    from srpo_core.server.launch import start_server
 
-    with Runner(str(STEP_FLOW), show_output=show_output, env=env, file_read_timeout=600, config_value=[("config", plan.config)], **options) as runner:
-        result = runner.run(context=json.dumps(ctx), tags=tags)
-        run = result.run
-        if run is None or not run.successful:
-            raise RuntimeError(f"epoch step {step} of {plan.training_id} failed: Metaflow run {getattr(run, 'pathspec', '?')} (status {result.status})\n{failure_report(run, result)}")
-        end = run["end"].task.data
-        report = StepReport(step, run.pathspec, dict(end.metrics), dict(end.evaluations), time.perf_counter() - start, float(end.phase_seconds))
+    home = Path(plan.log_path).parent
+    token_file = Path(server_token_file(plan))
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    args = {"dtype": cfg.model.dtype, "threads": cfg.model.threads or None, "artifact_roots": [plan.artifact_root], "workdir": home / "server", "command_prefix": watchdog_prefix(watch_pid)}
+    handle = start_server(resolve_model_path(cfg.model.name_or_path), **args)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the steps and the learner worker read it; never an artifact
+    with os.fdopen(fd, "w") as f:
+        f.write(handle.token)
+    plan.server_url, plan.server_pid = handle.url, handle.process.pid  # the watchdog's pid: SIGTERM reaches the server through it
+    plan.learner_dir, plan.learner_pid = str(home / "learner"), start_learner_worker(home / "learner", watch_pid, {"SRPO_SERVER_TOKEN": "", "SRPO_SERVER_TOKEN_FILE": str(token_file)})
+
+
+def server_token_file(plan: Plan) -> str:
+    """The bearer token of the training's own server (mode 0600, beside its log)."""
+    return str(Path(plan.log_path).parent / "server" / "token")
+
+
+def start_learner_worker(workdir: Path, watch_pid: int, env: dict[str, str] | None = None) -> int:
+    """Start the learner worker (under the watchdog); its watchdog's pid. The learner step waits
+    for it to be ready (`learner_worker.submit` polls), so this does not."""
+    import subprocess
+
+    from srpo_core import learner_worker
+
+    learner_worker.prepare_dir(workdir)
+    (workdir / "pid").unlink(missing_ok=True)
+    cmd = [*watchdog_prefix(watch_pid), sys.executable, "-m", "srpo_core.learner_worker", "--dir", str(workdir)]
+    with open(workdir / "worker.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return proc.pid
+
+
+def watchdog_prefix(watch_pid: int) -> list[str]:
+    return [sys.executable, "-m", "srpo_core.watchdog", "--watch-pid", str(watch_pid), "--"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop(pid: int, grace_s: float) -> None:
+    """SIGTERM a watchdog (it forwards it), SIGKILL its process group if it lingers."""
+    import signal
+
+    if not pid or not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_training_server(plan: Plan, grace_s: float = 15.0) -> None:
+    """Stop the training's local services (server and learner worker), if it has them."""
+    import shutil
+
+    for pid in (plan.server_pid, plan.learner_pid):
+        _stop(pid, grace_s)
+    had = plan.server_pid or plan.learner_pid
+    plan.server_pid = plan.learner_pid = 0
+    if had:
+        shutil.rmtree(Path(plan.log_path).parent / "server" / "cache", ignore_errors=True)
+        Path(server_token_file(plan)).unlink(missing_ok=True)
+
+
+# ---- one epoch-step run ------------------------------------------------------------------------
+
+
+@dataclass
+class StepLaunch:
+    ctx: dict
+    tags: list[str]
+    env: dict
+    options: dict
+    show_output: bool
+
+
+TASK_START = re.compile(r"\[[^/\]\s]+/(?P<step>[A-Za-z_][A-Za-z0-9_]*)/[^\s\]]+ \(pid \d+\)\] Task is starting")
+
+
+def _run_step(plan: Plan, step: int, launch: StepLaunch, start: float) -> "StepReport":
+    """The epoch-step run through Runner's async API: its stdout/stderr are followed while it
+    runs, appended to the training's log file, and each task start is reported as the phase."""
+    import asyncio
+
+    from srpo_core import progress
+    from srpo_core.metaflow_env import runner
+
+    Runner = runner()
+    log_path = Path(plan.log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_line(line: str) -> None:
+        m = TASK_START.search(line)
+        if m:
+            progress.emit({"type": "phase", "step": step, "phase": m.group("step")})
+
+    async def drive():
+        async with Runner(str(STEP_FLOW), env=launch.env, file_read_timeout=600, config_value=[("config", plan.config)], **launch.options) as mf_runner:
+            executing = await mf_runner.async_run(context=json.dumps(launch.ctx), tags=launch.tags)
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(f"===== epoch step {step}: Metaflow run {executing.run.pathspec if executing.run else '?'} =====\n")
+                await follow(executing.command_obj, log, on_line, launch.show_output)
+            await executing.wait()
+            return executing
+
+    executing = asyncio.run(drive())
+    run = executing.run
+    if executing.returncode != 0 or run is None or not run.successful:
+        progress.emit({"type": "failed", "step": step, "message": f"Metaflow run {getattr(run, 'pathspec', '?')}"})
+        where = f"Metaflow run {getattr(run, 'pathspec', '?')} (status {executing.status}); its task logs: {log_path}"
+        raise RuntimeError(f"epoch step {step} of {plan.training_id} failed: {where}\n{failure_report(run, executing)}")
+    end = run["end"].task.data
+    report = StepReport(step, run.pathspec, dict(end.metrics), dict(end.evaluations), time.perf_counter() - start, float(end.phase_seconds))
+    shown = {k: v for k, v in report.metrics.items() if k.startswith(("reward/", "pass_rate/"))}
+    progress.emit({"type": "step_done", "step": step, "wall": report.wall_seconds, "metrics": shown, "evaluations": report.evaluations})
     return report
 
 
-def failure_report(run, result) -> str:
-    """The failed tasks of an epoch-step run with the tail of their stderr."""
+async def follow(command, log, on_line, echo: bool, poll_s: float = 0.2) -> None:
+    """Append the run's stdout and stderr to `log` as they grow (whole lines), until it exits."""
+    import asyncio
+
+    files = {name: open(command.log_files[name], encoding="utf-8", errors="replace") for name in ("stdout", "stderr")}
+    partial = dict.fromkeys(files, "")
+    try:
+        while True:
+            finished = command.process.returncode is not None
+            for name, f in files.items():
+                *lines, partial[name] = (partial[name] + f.read()).split("\n")
+                for line in lines:
+                    log.write(line + "\n")
+                    on_line(line)
+                    if echo:
+                        print(line, file=sys.stdout if name == "stdout" else sys.stderr, flush=True)
+            log.flush()
+            if finished:
+                for rest in partial.values():
+                    if rest:
+                        log.write(rest + "\n")
+                return
+            await asyncio.sleep(poll_s)
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def failure_report(run, executing) -> str:
+    """The failed tasks of an epoch-step run with their whole stderr (the traceback)."""
     lines = []
     for stp in run or []:
         for task in stp:
             if not task.successful:
                 lines.append(f"--- {task.pathspec} (python {STEP_FLOW} logs {task.pathspec}) ---")
-                lines.append("\n".join(task.stderr.splitlines()[-25:]))
-    return "\n".join(lines) if lines else result.stderr[-3000:]
+                lines.append(task.stderr.rstrip())
+    return "\n".join(lines) if lines else executing.stderr[-6000:]
 
 
 def log_report(plan: Plan, report: StepReport) -> None:
@@ -253,7 +425,7 @@ def finish(plan: Plan, reports: list[StepReport]) -> dict:
     axes[0].set(title="evaluation accuracy", xlabel="training step")
     axes[1].set(title="training reward", xlabel="training step")
     hist: dict[int, float] = {}
-    for key, value in run.data.metrics.items():
+    for key in run.data.metrics:
         if key.startswith("reset/index_hist/"):
             for _, v in _history(client, plan.mlflow_run_id, key):
                 hist[int(key.rsplit("/", 1)[1])] = hist.get(int(key.rsplit("/", 1)[1]), 0.0) + v
@@ -281,6 +453,11 @@ def finish(plan: Plan, reports: list[StepReport]) -> dict:
     console = Console(width=200)
     console.print(table)
     console.print(f"MLflow:    mlflow ui --backend-store-uri {plan.tracking_uri}   (run {plan.mlflow_run_id})")
+    if reports:
+        median = statistics.median(r.wall_seconds - r.phase_seconds for r in reports)
+        console.print(f"orchestration per epoch step: median {median:.1f} s over {len(reports)} (time/orchestration_overhead)")
     console.print(f"artifacts: {plan.artifact_root}/runs/{plan.training_id}/")
+    console.print(f"task logs: {plan.log_path}")
     console.print(f"resume:    python flows/srpo_flow.py run --training-id {plan.training_id}")
-    return {"training_id": plan.training_id, "accuracy": {r[0]: {"before": r[1], "after": r[2]} for r in rows}, "wall_seconds": wall, "orchestration_seconds": overhead, "mlflow_run_id": plan.mlflow_run_id}
+    accuracy = {r[0]: {"before": r[1], "after": r[2]} for r in rows}
+    return {"training_id": plan.training_id, "accuracy": accuracy, "wall_seconds": wall, "orchestration_seconds": overhead, "mlflow_run_id": plan.mlflow_run_id}

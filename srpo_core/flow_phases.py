@@ -44,6 +44,7 @@ class StepContext:
     artifact_root: str
     parent_step: int | None  # the checkpoint this step starts from (None: the base model)
     server_url: str = ""  # an inference server holding the base model (empty: load it in-process)
+    learner_dir: str = ""  # a learner worker of the training (srpo_core/learner_worker.py; empty: learn in this process)
 
     @property
     def cfg(self) -> Config:
@@ -182,7 +183,17 @@ class StepOutcome:
 
 def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
     """Advantages over every group, the LoRA update (in this process, or `train.processes` FSDP
-    processes under torchrun), and the step checkpoint + `latest`."""
+    processes under torchrun), and the step checkpoint + `latest`: in the training's learner
+    worker when it has one (this process then imports no torch), else here."""
+    if ctx.learner_dir:
+        from srpo_core.learner_worker import submit
+
+        return StepOutcome(**submit(ctx.learner_dir, ctx, shard_keys))
+    return learn_here(ctx, shard_keys)
+
+
+def learn_here(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
+    """`phase_learn` in this process."""
     from srpo_core.distributed import learn
     from srpo_core.runtime import set_threads
     from srpo_core.server.canary import CanaryReference

@@ -34,8 +34,9 @@ def flow_env(tmp_path: Path, artifact_root: str, tracking_uri: str, **extra: str
 
 
 def run_flow(tmp_path, env, **params):
-    from metaflow import Runner
+    from srpo_core.metaflow_env import runner
 
+    Runner = runner()  # keeps torch importable in this process afterwards (metaflow#2462)
     with Runner(FLOW, show_output=False, env=env, cwd=str(tmp_path), file_read_timeout=300) as runner:
         result = runner.run(**params)
         assert result.run is not None and result.run.successful, result.stdout[-3000:] + result.stderr[-3000:]
@@ -91,7 +92,9 @@ def test_flow_trains_and_tracks_on_tiny_preset(tmp_path, tiny_model_path, mlflow
 def test_flow_on_s3_datastore_with_versioned_latest(tmp_path, tiny_model_path, mlflow_server, s3_server, s3_bucket, monkeypatch):
     env = flow_env(tmp_path, f"s3://{s3_bucket}/art", mlflow_server, SRPO_S3_ENDPOINT_URL=s3_server, METAFLOW_S3_ENDPOINT_URL=s3_server, METAFLOW_DEFAULT_DATASTORE="s3", METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_bucket}/metaflow")
     monkeypatch.setenv("SRPO_S3_ENDPOINT_URL", s3_server)
-    from metaflow import Runner
+    from srpo_core.metaflow_env import runner
+
+    Runner = runner()
 
     with Runner(FLOW, show_output=False, env=env, cwd=str(tmp_path), datastore="s3", file_read_timeout=300) as runner:
         result = runner.run(steps=2, set=quick_set(tiny_model_path, "eval.every_steps=0 resources.shards=2"), training_id="tiny-s3", quiet_steps=True)

@@ -1,5 +1,5 @@
-"""The flow with the inference-server option: the training starts a server per epoch step, the
-phase steps call it, each new adapter is hot-loaded and checked by the canary, and every rollout
+"""The flow with the inference-server option: the training starts one server (and one learner
+worker) for all its epoch steps, the phase steps call it, each new adapter is hot-loaded and checked by the canary, and every rollout
 records the adapter version it was sampled with. The learner step runs as 2 FSDP processes under
 torchrun, and the canary compares the server with what those processes computed."""
 

@@ -113,8 +113,10 @@ def start_server(
     ready_timeout: float = 600.0,
     workdir: str | os.PathLike | None = None,
     env: dict[str, str] | None = None,
+    command_prefix: list[str] | tuple[str, ...] = (),
 ) -> ServerHandle:
-    """Spawn `python -m srpo_core.server` with a fresh token and wait until /ready answers 200."""
+    """Spawn `python -m srpo_core.server` (after `command_prefix`, e.g. a watchdog) with a fresh
+    token and wait until /ready answers 200."""
     owned = workdir is None
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="srpo-server-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def start_server(
         cmd += ["--artifact-root", str(root)]
     for version, uri in (adapters or {}).items():
         cmd += ["--adapter", f"{version}={uri}"]
-    cmd += list(extra_args)
+    cmd = [*command_prefix, *cmd, *extra_args]
     token = secrets.token_urlsafe(32)
     child_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {}), "SRPO_SERVER_TOKEN": token}
     with open(log_path, "wb") as log:
