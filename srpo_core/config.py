@@ -71,7 +71,7 @@ class RolloutConfig:
     stop: str = "</thought>"
     engine: str = "hf"  # "hf" | "vllm"
     scheduler: str = "batched"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py) | auto (events where the engine has a continuous batch)
-    server_url: str = ""  # "": each phase step loads the model; "auto": the training starts a local server per epoch step; else the URL of a running server
+    server_url: str = ""  # "": each phase step loads the model; "auto": the training starts one local inference server and one learner worker for all its epoch steps; else the URL of a running server
     score_unfinished: bool = False  # false (paper): a chain that ends without an answer (finish_reason != "answer") gets reward 0 in training and evaluation; true: its text is scored
 
     def __post_init__(self):

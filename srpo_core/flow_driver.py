@@ -399,58 +399,112 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def finish(plan: Plan, reports: list[StepReport]) -> dict:
-    """Summary table, learning-curve and reset-index plots to MLflow, and where to look."""
-    import matplotlib
+# ---- the summary: query (MLflow, store) -> compute (pure) -> plot -> print ----------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import mlflow
-    from rich.console import Console
-    from rich.table import Table
 
-    from srpo_core import tracking
+@dataclass
+class History:
+    """What the summary reads back: metric histories from the training's MLflow run, and the
+    per-item evaluation outcomes and rollout records from the store."""
 
-    cfg = from_dict(plan.config)
-    mlflow.set_tracking_uri(plan.tracking_uri)
-    client = mlflow.MlflowClient()
+    curves: dict[str, list[tuple[int, float]]]  # eval/<benchmark>/accuracy -> [(step, value)]
+    reward: dict[str, list[tuple[int, float]]]
+    reset_hist: dict[int, float]  # reset index -> count over all steps
+    metrics: dict[str, float]  # the run's latest metric values
+    outcomes: dict[str, dict[int, list[dict]]]  # benchmark -> evaluated step -> per-item outcomes
+    records: list[dict]  # every step's rollouts.jsonl lines
+
+
+def collect_history(plan: Plan, client) -> History:
     run = client.get_run(plan.mlflow_run_id)
-    eval_keys = sorted(k for k in run.data.metrics if k.startswith("eval/"))
-    curves = {k: _history(client, plan.mlflow_run_id, k) for k in eval_keys}
-    reward = {k: _history(client, plan.mlflow_run_id, k) for k in ("reward/base/mean", "reward/shared_prefix/mean", "reward/fallback/mean") if k in run.data.metrics}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for k, pts in {**curves, **reward}.items():
+    keys = run.data.metrics
+    curves = {k: _history(client, plan.mlflow_run_id, k) for k in sorted(keys) if k.startswith("eval/") and k.endswith("/accuracy")}
+    reward = {k: _history(client, plan.mlflow_run_id, k) for k in ("reward/base/mean", "reward/shared_prefix/mean", "reward/fallback/mean") if k in keys}
+    hist: dict[int, float] = {}
+    for key in keys:
+        if key.startswith("reset/index_hist/"):
+            index = int(key.rsplit("/", 1)[1])
+            hist[index] = hist.get(index, 0.0) + sum(v for _, v in _history(client, plan.mlflow_run_id, key))
+    store = S.open_store(plan.artifact_root)
+    outcomes: dict[str, dict[int, list[dict]]] = {}
+    for key in store.list(f"runs/{plan.training_id}/eval/"):  # runs/<tid>/eval/<step>/<run>/<benchmark>.jsonl
+        at, _, name = key.split("/")[3], key.split("/")[4], key.rsplit("/", 1)[1].removesuffix(".jsonl")
+        outcomes.setdefault(name, {})[int(at)] = [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+    records = []
+    for step in range(plan.total_steps):
+        key = f"{S.step_prefix(plan.training_id, step)}/rollouts.jsonl"
+        if store.exists(key):
+            records += [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+    return History(curves, reward, hist, dict(keys), outcomes, records)
+
+
+@dataclass(frozen=True)
+class Gain:
+    """Accuracy after minus before on the same items, with its paired 95% interval."""
+
+    benchmark: str
+    before: float
+    after: float
+    at_step: int
+    n: int
+    gain: float
+    low: float
+    high: float
+
+
+def paired_gain(benchmark: str, before: list[dict], after: list[dict], at_step: int) -> Gain:
+    """Mean of d_i = correct_after_i - correct_before_i over the items scored both times, with a
+    normal 95% interval mean(d) +- 1.96 sd(d) / sqrt(n) (sd with ddof 1; n of a few hundred)."""
+    b = {o["id"]: float(o["correct"]) for o in before if not o.get("skipped")}
+    a = {o["id"]: float(o["correct"]) for o in after if not o.get("skipped")}
+    ids = sorted(set(a) & set(b))
+    d = [a[i] - b[i] for i in ids]
+    n = len(d)
+    mean = sum(d) / n if n else float("nan")
+    half = 1.96 * statistics.stdev(d) / n**0.5 if n > 1 else float("nan")
+    return Gain(benchmark, sum(b[i] for i in ids) / n if n else float("nan"), sum(a[i] for i in ids) / n if n else float("nan"), at_step, n, mean, mean - half, mean + half)
+
+
+def gains(history: History) -> list[Gain]:
+    """Per benchmark: the last evaluation against the one before training (step 0)."""
+    out = []
+    for name, by_step in sorted(history.outcomes.items()):
+        if 0 in by_step and len(by_step) > 1:
+            last = max(by_step)
+            out.append(paired_gain(name, by_step[0], by_step[last], last))
+    return out
+
+
+def training_figure(history: History):
+    """Evaluation accuracy and training reward per step, and the reset-index histogram."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
+    for k, pts in {**history.curves, **history.reward}.items():
         ax = axes[0] if k.startswith("eval/") else axes[1]
         ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", label=k)
     axes[0].set(title="evaluation accuracy", xlabel="training step")
     axes[1].set(title="training reward", xlabel="training step")
-    hist: dict[int, float] = {}
-    for key in run.data.metrics:
-        if key.startswith("reset/index_hist/"):
-            for _, v in _history(client, plan.mlflow_run_id, key):
-                hist[int(key.rsplit("/", 1)[1])] = hist.get(int(key.rsplit("/", 1)[1]), 0.0) + v
-    if hist:
-        axes[2].bar(list(hist), list(hist.values()))
+    if history.reset_hist:
+        axes[2].bar(list(history.reset_hist), list(history.reset_hist.values()))
     axes[2].set(title="reset index h* (all steps)", xlabel="thought")
     for ax in axes[:2]:
         if ax.lines:
-            ax.legend(fontsize=7)
-    tracking.log_figure(fig, "plots/training.png", run_id=plan.mlflow_run_id)
-    plt.close(fig)
-    rows = []
-    for k, pts in curves.items():
-        rows.append([k.split("/")[1], pts[0][1] if pts else float("nan"), pts[-1][1] if pts else float("nan"), pts[-1][0] if pts else 0])
-    if rows:
-        tracking.log_table({"benchmark": [r[0] for r in rows], "before": [r[1] for r in rows], "after": [r[2] for r in rows], "step": [r[3] for r in rows]}, "accuracy", run_id=plan.mlflow_run_id)
-    client.set_terminated(plan.mlflow_run_id, "FINISHED")
+            ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def print_summary(plan: Plan, cfg: Config, rows: list[Gain], reports: list[StepReport], console) -> None:
+    from rich.table import Table
+
     wall = sum(r.wall_seconds for r in reports)
     overhead = sum(r.wall_seconds - r.phase_seconds for r in reports)
     table = Table(title=f"training {plan.training_id}")
-    for col in ("method", "split", "localizer", "steps", "benchmark", "acc. before", "acc. after", "step time", "orchestration"):
+    for col in ("method", "split", "localizer", "steps", "benchmark", "items", "acc. before", "acc. after", "gain [95% CI]", "step time", "orchestration"):
         table.add_column(col)
-    for r in rows or [["-", float("nan"), float("nan"), 0]]:
-        table.add_row(cfg.method.method, cfg.method.split, cfg.method.resolved_localizer, str(plan.total_steps), r[0], f"{r[1]:.3f}", f"{r[2]:.3f}", f"{wall:.0f}s", f"{overhead:.0f}s")
-    console = Console(width=200)
+    tags = identity.tags(cfg, plan.training_id)
+    for g in rows or [Gain("-", float("nan"), float("nan"), 0, 0, float("nan"), float("nan"), float("nan"))]:
+        table.add_row(tags["method"], tags["split"], tags["localizer"], str(plan.total_steps), g.benchmark, str(g.n), f"{g.before:.3f}", f"{g.after:.3f}", f"{g.gain:+.3f} [{g.low:+.3f}, {g.high:+.3f}]", f"{wall:.0f}s", f"{overhead:.0f}s")
     console.print(table)
     console.print(f"MLflow:    mlflow ui --backend-store-uri {plan.tracking_uri}   (run {plan.mlflow_run_id})")
     if reports:
@@ -459,5 +513,40 @@ def finish(plan: Plan, reports: list[StepReport]) -> dict:
     console.print(f"artifacts: {plan.artifact_root}/runs/{plan.training_id}/")
     console.print(f"task logs: {plan.log_path}")
     console.print(f"resume:    python flows/srpo_flow.py run --training-id {plan.training_id}")
-    accuracy = {r[0]: {"before": r[1], "after": r[2]} for r in rows}
-    return {"training_id": plan.training_id, "accuracy": accuracy, "wall_seconds": wall, "orchestration_seconds": overhead, "mlflow_run_id": plan.mlflow_run_id}
+
+
+def finish(plan: Plan, reports: list[StepReport]) -> dict:
+    """The end of a training: read back its history, log the figures (training curves, the
+    localization audit, the critic's reliability) and the accuracy table with the paired gain to
+    MLflow, close the run, print the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    from rich.console import Console
+
+    from srpo_core import audit, tracking
+
+    cfg = from_dict(plan.config)
+    mlflow.set_tracking_uri(plan.tracking_uri)
+    client = mlflow.MlflowClient()
+    history = collect_history(plan, client)
+    figures = {"plots/training.png": training_figure(history), "plots/localization_audit.png": audit.plot_audit(history.records, title=f"Localization audit ({plan.training_id})") if history.records else None}
+    if "critic/ece" in history.metrics:
+        from srpo_core import critic
+
+        figures["plots/critic_reliability.png"] = critic.reliability_figure(*critic.reliability_from_metrics(history.metrics))
+    for name, fig in figures.items():
+        if fig is not None:
+            tracking.log_figure(fig, name, run_id=plan.mlflow_run_id)
+            plt.close(fig)
+    rows = gains(history)
+    if rows:
+        tracking.log_table({"benchmark": [g.benchmark for g in rows], "before": [g.before for g in rows], "after": [g.after for g in rows], "step": [g.at_step for g in rows], "items": [g.n for g in rows], "gain": [g.gain for g in rows], "gain_low95": [g.low for g in rows], "gain_high95": [g.high for g in rows]}, "accuracy", run_id=plan.mlflow_run_id)
+    client.set_terminated(plan.mlflow_run_id, "FINISHED")
+    print_summary(plan, cfg, rows, reports, Console(width=200))
+    return {
+        "training_id": plan.training_id, "accuracy": {g.benchmark: {"before": g.before, "after": g.after, "gain": g.gain, "gain_ci95": [g.low, g.high], "items": g.n} for g in rows},
+        "wall_seconds": sum(r.wall_seconds for r in reports), "orchestration_seconds": sum(r.wall_seconds - r.phase_seconds for r in reports), "mlflow_run_id": plan.mlflow_run_id,
+    }  # fmt: skip
