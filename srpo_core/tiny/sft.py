@@ -75,6 +75,36 @@ def copy_corrupt(problem: Problem, rng: random.Random) -> tuple[list[str], int]:
     return thoughts, fe if fe is not None else k
 
 
+def first_confused_step(problem: Problem, confused: dict[tuple[int, str, int], int]) -> int | None:
+    """1-based index of the first step of the correct chain that computes a confused fact (a, op, b)."""
+    value = problem.start
+    for k, (op, b) in enumerate(problem.ops, 1):
+        if (value, op, b) in confused:
+            return k
+        value = synthetic.apply(op, value, b)
+    return None
+
+
+def has_confused_step(problem: Problem, confused: dict[tuple[int, str, int], int]) -> bool:
+    return first_confused_step(problem, confused) is not None
+
+
+def noisy_thoughts(problem: Problem, confused: dict[tuple[int, str, int], int], noise: float, rng: random.Random) -> list[str]:
+    """A trace with label noise: a step computing a confused fact writes its confused result with
+    probability `noise`; later steps follow the value written (as the policy's own slips do)."""
+    value = problem.start
+    thoughts = []
+    for op, b in problem.ops:
+        new = synthetic.apply(op, value, b)
+        wrong = confused.get((value, op, b))
+        if wrong is not None and rng.random() < noise:
+            new = wrong
+        thoughts.append(f"{value}{op}{b}={new}{THOUGHT_END}")
+        value = new
+    thoughts.append(f"\\boxed{{{value}}}{THOUGHT_END}")
+    return thoughts
+
+
 def oracle_label(problem: Problem, thoughts: list[str]) -> int | None:
     """The localization target for a chain: the first error, clipped into 1..len(thoughts)."""
     fe = synthetic.first_error(problem, thoughts)
