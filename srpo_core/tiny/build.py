@@ -147,7 +147,7 @@ LONG_CONFIG = TinyModelConfig(
     name="tiny-arith-long", init_from=BUILTIN_NAME, min_ops=10, max_ops=16, error_prone_op="*", error_prone_steps=(1, 2),
     confused_facts=6, noise=0.65, n_test=500, lr=2e-3, warmup_steps=20, batch_size=32, max_steps=1400, min_steps=100,
     eval_interval=50, target_low=0.30, target_high=0.60, stop_at=0.40, onpolicy_prompts=1000, loc_steps=80,
-    loc_batch_size=32, anchor_batch_size=16,
+    loc_batch_size=32, anchor_batch_size=16, num_threads=1,
 )
 BUILTINS: dict[str, TinyModelConfig] = {BUILTIN_NAME: TinyModelConfig(), LONG_CONFIG.name: LONG_CONFIG}
 
