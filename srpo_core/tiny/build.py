@@ -285,7 +285,7 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
         noise_rng = random.Random(f"tiny-noise-{cfg.seed}")  # its own stream: noise-free builds draw what they always drew
 
         decay, no_decay = [], []
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             (decay if p.dim() >= 2 else no_decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -26,7 +26,7 @@ import torch
 
 from srpo_core import templates
 from srpo_core.tasks import synthetic
-from srpo_core.tasks.synthetic import MOD, MUL, ADD_SUB, THOUGHT_END, Problem
+from srpo_core.tasks.synthetic import ADD_SUB, MOD, MUL, THOUGHT_END, Problem
 
 IGNORE = -100
 
@@ -274,7 +274,7 @@ def eval_localization(model, enc: Encoder, chains: list[tuple[Problem, list[str]
 def error_histogram(chains: list[tuple[Problem, list[str], int]]) -> dict[str, int]:
     """first_error position -> count, with the answer thought reported as 'answer'."""
     counts: Counter[str] = Counter()
-    for p, thoughts, label in chains:
+    for p, _thoughts, label in chains:
         n_ops = len(p.ops)
         counts["answer" if label > n_ops else str(label)] += 1
     return dict(sorted(counts.items(), key=lambda kv: (kv[0] == "answer", kv[0].zfill(3))))
