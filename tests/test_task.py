@@ -162,3 +162,19 @@ def test_data_synthetic_config_is_validated_with_its_dotted_key():
         load_config("tiny", {"data.synthetic": {"min_opz": 10}})
     with pytest.raises(ConfigError, match=r"data\.synthetic: sets the synthetic task's chains; data\.task is 'commonsenseqa'"):
         load_config("tiny", {"data.task": "commonsenseqa", "data.synthetic": {"min_ops": 2}})
+
+
+def test_fidelity_preset_trains_and_evaluates_on_long_chains_with_the_long_model():
+    from srpo_core.config import load_config
+    from srpo_core.tasks import get_task
+    from srpo_core.tiny import build as tb
+
+    cfg = load_config("fidelity")
+    assert cfg.model.name_or_path == "builtin:tiny-arith-long" and "tiny-arith-long" in tb.BUILTINS
+    assert cfg.data.task == "synthetic_long" and tuple(cfg.eval.benchmarks) == ("synthetic_long",)
+    # 500 items: a binomial standard error of at most 2.2 points, so a 5-point gain is >2 sigma
+    assert cfg.eval.items_per_benchmark >= 500
+    assert cfg.rollout.max_thoughts >= synthetic.LONG_CHAINS.max_ops + 1  # every operation plus the answer
+    longest = max(get_task(cfg.data.task).items("test", 2000, cfg.data.data_seed), key=lambda i: len(i.question))
+    assert len(longest.question) == 1 + 2 * synthetic.LONG_CHAINS.max_ops
+    assert len(f">Q:{longest.question}|") <= cfg.rollout.max_prompt_tokens  # tiny_rollout_v1, one token per character
