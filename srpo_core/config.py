@@ -216,10 +216,21 @@ class DataConfig:
     train_size: int = 400
     data_seed: int = 42
     path: str = ""  # a local JSONL file; empty: the task's default source
+    # the synthetic task's chains (srpo_core.tasks.synthetic.ChainSpec): min_ops, max_ops,
+    # op_weights [+, -, *], error_prone_op, error_prone_steps [min, max]; empty: the default chains
+    synthetic: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _require(bool(self.task), "data.task", "must name a task")
         _require(self.train_size > 0, "data.train_size", "must be > 0")
+        if self.synthetic:
+            from srpo_core.tasks.synthetic import ChainSpec
+
+            _require(self.task == "synthetic", "data.synthetic", f"sets the synthetic task's chains; data.task is {self.task!r}")
+            try:
+                ChainSpec.from_mapping(self.synthetic)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"data.synthetic.{exc}") from None
 
 
 @dataclass(frozen=True)

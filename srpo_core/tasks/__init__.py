@@ -16,15 +16,39 @@ __all__ = ["TASKS", "SyntheticTask", "Task", "TaskItem", "get_task"]
 
 
 class SyntheticTask:
-    """Chained arithmetic mod 10 (tasks/synthetic.py), with an exact step checker."""
+    """Chained arithmetic mod 10 (tasks/synthetic.py), with an exact step checker.
 
-    name = "synthetic"
+    `spec` (a `synthetic.ChainSpec`) sets the chain lengths, operation mix and error-prone
+    operation; the default draws the items this task always drew. `synthetic_long` is the same task
+    with `synthetic.LONG_CHAINS` (10-16 operations, one or two `*` steps: the fidelity regime)."""
+
     has_step_checker = True
+
+    def __init__(self, spec=None, name: str = "synthetic"):
+        from srpo_core.tasks import synthetic
+
+        self.spec = synthetic.DEFAULT_CHAINS if spec is None else spec
+        self.name = name
+
+    @classmethod
+    def from_config(cls, params: dict, name: str = "synthetic") -> SyntheticTask:
+        """The task for a config's `data.synthetic` mapping (empty: the default chains)."""
+        from srpo_core.tasks import synthetic
+
+        return cls(synthetic.ChainSpec.from_mapping(dict(params)), name)
+
+    @classmethod
+    def long_chains(cls, path: str = "") -> SyntheticTask:
+        from srpo_core.tasks import synthetic
+
+        if path:
+            raise ValueError("data.path: the synthetic_long task is generated, it reads no file")
+        return cls(synthetic.LONG_CHAINS, "synthetic_long")
 
     def items(self, split: str, n: int, seed: int) -> list[TaskItem]:
         from srpo_core.tasks import synthetic
 
-        return [TaskItem(p.id, p.question, p.answer) for p in synthetic.make_split(split, n, seed)]
+        return [TaskItem(p.id, p.question, p.answer) for p in synthetic.make_split(split, n, seed, self.spec)]
 
     def reward(self, item: TaskItem, response: str) -> float:
         from srpo_core.tasks import synthetic
@@ -40,7 +64,7 @@ class SyntheticTask:
         return reward <= 0.0  # binary reward: incorrect = reward 0
 
 
-TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask}
+TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask, "synthetic_long": SyntheticTask.long_chains}
 
 
 def get_task(name: str, path: str = "") -> Task:

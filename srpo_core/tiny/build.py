@@ -1,4 +1,4 @@
-"""Build the embedded default model (`builtin:tiny-arith`) from a config, reproducibly.
+"""Build the embedded models (`builtin:tiny-arith`, `builtin:tiny-arith-long`) from a config, reproducibly.
 
 `build_tiny(cfg, out_dir)` builds the character tokenizer, a `LlamaForCausalLM` from scratch, and
 supervised-trains it on the synthetic task (rollout traces plus localization answers) until greedy
@@ -8,7 +8,14 @@ pass@1 on held-out problems enters the target window, then saves a normal Huggin
 `ensure_tiny()` returns the shipped checkpoint when its config hash matches, else builds once into
 a cache directory; `resolve_model_path("builtin:tiny-arith")` is how the rest of the code gets it.
 
-Rebuild the shipped checkpoint with:  srpo build-tiny --out srpo_core/assets/tiny-arith
+`BUILTINS` names the shipped configs. `tiny-arith-long` (the fidelity preset's model) is built by the
+same code on the long-chain task (`synthetic.LONG_CHAINS`: 10-16 operations, one or two `*` steps),
+starting from `tiny-arith`'s weights (`init_from`), with label noise on a few `*` facts
+(`confused_facts`, `noise`): its traces write a fixed wrong result for those facts with probability
+`noise` > 1/2, so its greedy chains get exactly those steps wrong and its samples get them right
+1 - `noise` of the time: improvable states that are rare and spread along long chains.
+
+Rebuild a shipped checkpoint with:  srpo build-tiny [--name tiny-arith-long]
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAME = "tiny-arith"
 # bump when the build code changes in a way that changes the weights for the same config
 BUILD_VERSION = 1
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / BUILTIN_NAME
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_DIR = ASSETS_DIR / BUILTIN_NAME
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class TinyModelConfig:
     max_position_embeddings: int = 512
     tie_word_embeddings: bool = True
     rope_theta: float = 10000.0
-    # task (srpo_core.tasks.synthetic) and prompt templates
+    # task (srpo_core.tasks.synthetic.ChainSpec) and prompt templates
     min_ops: int = 4
     max_ops: int = 8
     split_seed: int = 0
@@ -80,6 +89,35 @@ class TinyModelConfig:
     # determinism
     seed: int = 0
     num_threads: int = 2
+    # added after build version 1: in the hash only when set off their defaults (see config_hash),
+    # so that the checkpoints built before them keep their hash
+    name: str = BUILTIN_NAME  # the builtin name (shipped under assets/NAME, cached under NAME/)
+    init_from: str = ""  # a builtin to start from (its shipped or cached weights); "" = from scratch
+    op_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # ChainSpec fields of the task
+    error_prone_op: str = ""
+    error_prone_steps: tuple[int, int] = (0, 0)
+    # label noise: `confused_facts` facts `a <error_prone_op> b` (drawn from the seed, a result that
+    # another operand would give) are written wrong with probability `noise` in the policy's traces
+    confused_facts: int = 0
+    noise: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "op_weights", tuple(self.op_weights))
+        object.__setattr__(self, "error_prone_steps", tuple(self.error_prone_steps))
+        _ = self.spec  # validates the task fields
+        if self.confused_facts or self.noise:
+            if not self.error_prone_op:
+                raise ValueError("confused_facts/noise: need error_prone_op (the operation whose facts are confused)")
+            if not (0 < self.noise < 1 and self.confused_facts > 0):
+                raise ValueError(f"confused_facts/noise: need confused_facts > 0 and 0 < noise < 1, got {self.confused_facts}, {self.noise}")
+        if self.init_from and self.init_from == self.name:
+            raise ValueError(f"init_from: a model cannot start from itself ({self.name!r})")
+
+    @property
+    def spec(self):
+        from srpo_core.tasks.synthetic import ChainSpec
+
+        return ChainSpec(self.min_ops, self.max_ops, self.op_weights, self.error_prone_op, self.error_prone_steps)
 
     def smoke(self) -> "TinyModelConfig":
         """A few-step build that exercises every code path (for tests)."""
@@ -89,9 +127,57 @@ class TinyModelConfig:
         )
 
 
+# fields added after build version 1 (see TinyModelConfig): hashed only off their defaults
+_LATER_FIELDS = ("name", "init_from", "op_weights", "error_prone_op", "error_prone_steps", "confused_facts", "noise")
+
+
 def config_hash(cfg: TinyModelConfig) -> str:
-    payload = json.dumps({"build_version": BUILD_VERSION, **dataclasses.asdict(cfg)}, sort_keys=True)
+    fields = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(TinyModelConfig)}
+    for key in _LATER_FIELDS:
+        if fields[key] == defaults[key]:
+            del fields[key]
+    payload = json.dumps({"build_version": BUILD_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# the shipped builtins. tiny-arith-long: the fidelity regime (see the module docstring and README);
+# its phase 1 continues tiny-arith on long chains until greedy pass@1 reaches stop_at
+LONG_CONFIG = TinyModelConfig(
+    name="tiny-arith-long", init_from=BUILTIN_NAME, min_ops=10, max_ops=16, error_prone_op="*", error_prone_steps=(1, 2),
+    confused_facts=6, noise=0.65, n_test=500, lr=2e-3, warmup_steps=20, batch_size=32, max_steps=1400, min_steps=100,
+    eval_interval=50, target_low=0.30, target_high=0.60, stop_at=0.40, onpolicy_prompts=1000, loc_steps=80,
+    loc_batch_size=32, anchor_batch_size=16, num_threads=1,
+)
+BUILTINS: dict[str, TinyModelConfig] = {BUILTIN_NAME: TinyModelConfig(), LONG_CONFIG.name: LONG_CONFIG}
+
+
+def shipped_dir(name: str = BUILTIN_NAME) -> Path:
+    return ASSETS_DIR / name
+
+
+def confusions(cfg: TinyModelConfig) -> dict[tuple[int, str, int], int]:
+    """(a, op, b) -> the wrong result the noisy traces write for `a op b` (op: the error-prone one).
+
+    The facts are drawn from the seed among those whose result another operand changes (not
+    0*b or 5*b, which every unit maps to the same value); the wrong result is one that another
+    valid operand gives (a 3-for-7 slip)."""
+    from srpo_core.tasks.synthetic import ADD_SUB, MOD, MUL, apply
+
+    if not cfg.confused_facts:
+        return {}
+    op = cfg.error_prone_op
+    operands = MUL if op == "*" else ADD_SUB
+    rng = random.Random(f"tiny-confusions-{cfg.seed}")
+    candidates = []
+    for a in range(MOD):
+        for b in operands:
+            wrong = sorted({apply(op, a, c) for c in operands if c != b} - {apply(op, a, b)})
+            if wrong:
+                candidates.append(((a, op, b), wrong))
+    if cfg.confused_facts > len(candidates):
+        raise ValueError(f"confused_facts: {cfg.confused_facts} asked, {op!r} has {len(candidates)} facts that can be confused")
+    return {fact: rng.choice(wrong) for fact, wrong in rng.sample(candidates, cfg.confused_facts)}
 
 
 # ----------------------------------------------------------------------------- build
@@ -135,10 +221,37 @@ def _lr_at(cfg: TinyModelConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _check_architecture(cfg: TinyModelConfig, model, init_dir: Path) -> None:
+    c = model.config
+    got = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.max_position_embeddings)
+    want = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.max_position_embeddings)
+    if got != want:
+        raise ValueError(f"init_from {cfg.init_from!r} ({init_dir}) has architecture {got}, the config asks {want}")
+
+
+def _confused_hits(problems, responses: list[str], confused: dict[tuple[int, str, int], int]) -> dict[str, Any]:
+    """How the greedy chains meet the confused facts: the share of problems whose correct chain
+    reaches one, and, on those chains, how often the first one reached was written wrong."""
+    from srpo_core.tasks import synthetic
+    from srpo_core.tiny import sft
+
+    reached = wrong_at_it = 0
+    for p, text in zip(problems, responses):
+        k = sft.first_confused_step(p, confused)
+        if k is None:
+            continue
+        reached += 1
+        thoughts = sft.split_thoughts(text)
+        fe = synthetic.first_error(p, thoughts)
+        wrong_at_it += fe == k
+    return {"problems_reaching_one": reached / max(len(problems), 1), "first_error_there": wrong_at_it / max(reached, 1)}
+
+
 def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = SHIPPED_DIR, progress: bool = True) -> Path:
     """Train the tiny model for `cfg` and save it to `out_dir` (replaced if it exists)."""
     cfg = cfg or TinyModelConfig()
     t0, cpu0 = time.time(), time.process_time()
+    init_dir = ensure_tiny(BUILTINS[cfg.init_from]) if cfg.init_from else None  # before the seeding below
     import torch
     import transformers
     from tqdm.auto import tqdm
@@ -154,17 +267,25 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
     _seed_everything(cfg)
     try:
         tokenizer = build_tokenizer()
-        model = _make_model(cfg, tokenizer)
+        if init_dir is not None:
+            from transformers import LlamaForCausalLM
+
+            model = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
+            _check_architecture(cfg, model, init_dir)
+        else:
+            model = _make_model(cfg, tokenizer)
         model.train()
         enc = sft.Encoder(tokenizer, cfg.rollout_template, cfg.localization_template)
         rng = random.Random(f"tiny-sft-{cfg.seed}")
 
-        pool = synthetic.make_split("train", cfg.n_train + cfg.n_val, seed=cfg.split_seed, min_ops=cfg.min_ops, max_ops=cfg.max_ops)
+        pool = synthetic.make_split("train", cfg.n_train + cfg.n_val, seed=cfg.split_seed, spec=cfg.spec)
         train, val = pool[: cfg.n_train], pool[cfg.n_train :]
-        test = synthetic.make_split("test", cfg.n_test, seed=cfg.split_seed, min_ops=cfg.min_ops, max_ops=cfg.max_ops)
+        test = synthetic.make_split("test", cfg.n_test, seed=cfg.split_seed, spec=cfg.spec)
+        confused = confusions(cfg)
+        noise_rng = random.Random(f"tiny-noise-{cfg.seed}")  # its own stream: noise-free builds draw what they always drew
 
         decay, no_decay = [], []
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             (decay if p.dim() >= 2 else no_decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -194,6 +315,9 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
             examples = []
             for _ in range(cfg.batch_size):
                 p = train[rng.randrange(len(train))]
+                if confused and sft.has_confused_step(p, confused):
+                    examples.append(enc.response(p, "".join(sft.noisy_thoughts(p, confused, cfg.noise, noise_rng))))
+                    continue
                 if p.question not in rollout_cache:
                     rollout_cache[p.question] = enc.rollout(p)
                 examples.append(rollout_cache[p.question])
@@ -268,6 +392,8 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
         synth = [(p, *synthetic.corrupt(p, synth_rng)) for p in test]
         loc_synth = sft.eval_localization(model, enc, synth)
 
+        confused_hits = _confused_hits(test, ev_test.responses, confused) if confused else None
+
         out_dir = Path(out_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -279,7 +405,7 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
         tokenizer.save_pretrained(out_dir)
         os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes 0600; the cache may be shared
         info = {
-            "name": BUILTIN_NAME,
+            "name": cfg.name,
             "config": dataclasses.asdict(cfg),
             "config_hash": config_hash(cfg),
             "build_version": BUILD_VERSION,
@@ -294,6 +420,9 @@ def build_tiny(cfg: TinyModelConfig | None = None, out_dir: str | os.PathLike = 
             "pass_at_1_split": f"test[:{len(test)}]",
             "sampled_pass_at_1": ev_sample.pass_at_1,
             "greedy_first_error_histogram": sft.error_histogram(greedy_wrong),
+            **({"init_from": cfg.init_from, "init_from_config_hash": config_hash(BUILTINS[cfg.init_from])} if cfg.init_from else {}),
+            **({"confusions": {f"{a}{op}{b}": wrong for (a, op, b), wrong in sorted(confused.items())},
+                "greedy_confused_steps": confused_hits} if confused else {}),
             "localization": {
                 "greedy_wrong": dataclasses.asdict(loc_greedy),
                 "sampled_wrong": dataclasses.asdict(loc_sampled),
@@ -332,14 +461,15 @@ def ensure_tiny(cfg: TinyModelConfig | None = None, cache_dir: str | os.PathLike
     """The shipped checkpoint when it was built from `cfg`, else a cached build (built once)."""
     cfg = cfg or TinyModelConfig()
     want = config_hash(cfg)
-    if _read_hash(SHIPPED_DIR) == want and (SHIPPED_DIR / "model.safetensors").exists():
-        return SHIPPED_DIR
+    shipped = shipped_dir(cfg.name)
+    if _read_hash(shipped) == want and (shipped / "model.safetensors").exists():
+        return shipped
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / BUILTIN_NAME / want[:16]
+    target = root / cfg.name / want[:16]
     if _read_hash(target) == want:
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}-", dir=root))
     try:
         build_tiny(cfg, tmp / "model")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -356,12 +486,12 @@ def ensure_tiny(cfg: TinyModelConfig | None = None, cache_dir: str | os.PathLike
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`builtin:tiny-arith` -> a local checkpoint directory; anything else is returned unchanged."""
+    """`builtin:NAME` (a key of BUILTINS) -> a local checkpoint directory; anything else is returned unchanged."""
     if name_or_path.startswith(BUILTIN_PREFIX):
         name = name_or_path[len(BUILTIN_PREFIX) :]
-        if name != BUILTIN_NAME:
-            raise ValueError(f"unknown builtin model {name_or_path!r}; available: {BUILTIN_PREFIX}{BUILTIN_NAME}")
-        return str(ensure_tiny())
+        if name not in BUILTINS:
+            raise ValueError(f"unknown builtin model {name_or_path!r}; available: {', '.join(BUILTIN_PREFIX + n for n in BUILTINS)}")
+        return str(ensure_tiny(BUILTINS[name]))
     return name_or_path
 
 
@@ -369,9 +499,10 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("build-tiny", help="build the embedded tiny model (builtin:tiny-arith) from scratch")
+    p = subparsers.add_parser("build-tiny", help="build an embedded tiny model (builtin:tiny-arith by default) reproducibly")
+    p.add_argument("--name", default=BUILTIN_NAME, choices=sorted(BUILTINS), help="which builtin to build")
     p.add_argument("--out", default=None, help="output directory (default: the shipped checkpoint; with --smoke, "
-                   "$SRPO_CACHE_DIR/tiny-arith-smoke)")
+                   "$SRPO_CACHE_DIR/NAME-smoke)")
     p.add_argument("--seed", type=int, default=TinyModelConfig.seed)
     p.add_argument("--max-steps", type=int, default=None, help="cap on SFT steps (also the cosine horizon)")
     p.add_argument("--smoke", action="store_true", help="a few-step build to check the pipeline")
@@ -380,12 +511,12 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
-    cfg = TinyModelConfig(seed=args.seed)
+    cfg = dataclasses.replace(BUILTINS[args.name], seed=args.seed)
     if args.smoke:
         cfg = cfg.smoke()
     if args.max_steps is not None:
         cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
-    out_dir = args.out or (default_cache_dir() / f"{BUILTIN_NAME}-smoke" if args.smoke else SHIPPED_DIR)
+    out_dir = args.out or (default_cache_dir() / f"{args.name}-smoke" if args.smoke else shipped_dir(args.name))
     out = build_tiny(cfg, out_dir, progress=not args.no_progress)
     info = json.loads((out / "build_info.json").read_text(encoding="utf-8"))
     loc = info["localization"]["greedy_wrong"]

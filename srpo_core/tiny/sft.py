@@ -26,7 +26,7 @@ import torch
 
 from srpo_core import templates
 from srpo_core.tasks import synthetic
-from srpo_core.tasks.synthetic import MOD, MUL, ADD_SUB, THOUGHT_END, Problem
+from srpo_core.tasks.synthetic import ADD_SUB, MOD, MUL, THOUGHT_END, Problem
 
 IGNORE = -100
 
@@ -73,6 +73,36 @@ def copy_corrupt(problem: Problem, rng: random.Random) -> tuple[list[str], int]:
     thoughts.append(f"\\boxed{{{value}}}{THOUGHT_END}")
     fe = synthetic.first_error(problem, thoughts)
     return thoughts, fe if fe is not None else k
+
+
+def first_confused_step(problem: Problem, confused: dict[tuple[int, str, int], int]) -> int | None:
+    """1-based index of the first step of the correct chain that computes a confused fact (a, op, b)."""
+    value = problem.start
+    for k, (op, b) in enumerate(problem.ops, 1):
+        if (value, op, b) in confused:
+            return k
+        value = synthetic.apply(op, value, b)
+    return None
+
+
+def has_confused_step(problem: Problem, confused: dict[tuple[int, str, int], int]) -> bool:
+    return first_confused_step(problem, confused) is not None
+
+
+def noisy_thoughts(problem: Problem, confused: dict[tuple[int, str, int], int], noise: float, rng: random.Random) -> list[str]:
+    """A trace with label noise: a step computing a confused fact writes its confused result with
+    probability `noise`; later steps follow the value written (as the policy's own slips do)."""
+    value = problem.start
+    thoughts = []
+    for op, b in problem.ops:
+        new = synthetic.apply(op, value, b)
+        wrong = confused.get((value, op, b))
+        if wrong is not None and rng.random() < noise:
+            new = wrong
+        thoughts.append(f"{value}{op}{b}={new}{THOUGHT_END}")
+        value = new
+    thoughts.append(f"\\boxed{{{value}}}{THOUGHT_END}")
+    return thoughts
 
 
 def oracle_label(problem: Problem, thoughts: list[str]) -> int | None:
@@ -244,7 +274,7 @@ def eval_localization(model, enc: Encoder, chains: list[tuple[Problem, list[str]
 def error_histogram(chains: list[tuple[Problem, list[str], int]]) -> dict[str, int]:
     """first_error position -> count, with the answer thought reported as 'answer'."""
     counts: Counter[str] = Counter()
-    for p, thoughts, label in chains:
+    for p, _thoughts, label in chains:
         n_ops = len(p.ops)
         counts["answer" if label > n_ops else str(label)] += 1
     return dict(sorted(counts.items(), key=lambda kv: (kv[0] == "answer", kv[0].zfill(3))))
