@@ -23,9 +23,19 @@ def step_batches(n_items: int, prompts_per_step: int, epochs: int, seed: int) ->
     return batches
 
 
+def training_task(cfg: Config):
+    """The task of `data.*` (its file `data.path`, its chains `data.synthetic`)."""
+    return get_task(cfg.data.task, cfg.data.path, cfg.data.synthetic)
+
+
+def eval_task(cfg: Config, name: str):
+    """The task of evaluation benchmark `name` (the training task's own settings when it is it)."""
+    return training_task(cfg) if name == cfg.data.task and not cfg.data.path else get_task(name)
+
+
 def train_items(cfg: Config) -> list[TaskItem]:
     """The training items of `data.task` (a missing data file fails here, naming it)."""
-    return get_task(cfg.data.task, cfg.data.path).items("train", cfg.data.train_size, cfg.data.data_seed)
+    return training_task(cfg).items("train", cfg.data.train_size, cfg.data.data_seed)
 
 
 def batches_of(cfg: Config, items: list[TaskItem]) -> list[list[int]]:

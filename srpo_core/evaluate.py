@@ -291,7 +291,7 @@ def evaluate_suite(
     there. ``tracking_uri`` names the MLflow store of ``run_id`` (default: the one
     :mod:`srpo_core.tracking` uses, i.e. ``$MLFLOW_TRACKING_URI`` or the last started run's).
     """
-    from srpo_core.tasks import get_task
+    from srpo_core import data_order
 
     t0 = time.perf_counter()
     suite = SuiteResult(step)
@@ -300,7 +300,7 @@ def evaluate_suite(
             n = items_per_benchmark.get(name) or cfg.eval.items_per_benchmark
         else:
             n = items_per_benchmark or cfg.eval.items_per_benchmark
-        task = get_task(name)
+        task = data_order.eval_task(cfg, name)
         items = task.items("test", n, cfg.data.data_seed)
         suite.results[name] = evaluate(engine, task, items, cfg, samples=samples, ks=ks, progress=progress, name=name, long_prompts=long_prompts)
     suite.seconds = time.perf_counter() - t0

@@ -28,7 +28,6 @@ from srpo_core.identity import eval_due
 from srpo_core.identity import policy_version as adapter_version
 from srpo_core.records import write_records
 from srpo_core.shard import PhaseContext, Shard, shard_from_bytes, shard_to_bytes
-from srpo_core.tasks import get_task
 
 # ---- context ----------------------------------------------------------------------------------
 
@@ -134,13 +133,13 @@ def load_engine(ctx: StepContext, step_index: int | None = None):
 def _phase_context(ctx: StepContext, phase: str, shard_index: int) -> PhaseContext:
     cfg = ctx.cfg
     engine = load_engine(ctx) if step.needs_model(cfg, phase) else None
-    return PhaseContext(cfg, get_task(cfg.data.task, cfg.data.path), ctx.step, shard_index, engine)
+    return PhaseContext(cfg, data_order.training_task(cfg), ctx.step, shard_index, engine)
 
 
 def phase_generate(ctx: StepContext, shard_index: int, item_ids: list[str], attempt: int = 0) -> str:
     """The shard's prompts, encoded, and the method's first sampling (unscored)."""
     cfg = ctx.cfg
-    pctx = PhaseContext(cfg, get_task(cfg.data.task, cfg.data.path), ctx.step, shard_index, load_engine(ctx))
+    pctx = PhaseContext(cfg, data_order.training_task(cfg), ctx.step, shard_index, load_engine(ctx))
     shard = step.start(pctx, data_order.items_by_id(cfg, item_ids))
     step.run_phase("generate", pctx, shard)
     return _put(ctx, ctx.work_key(shard_index, "generate", attempt), shard)
@@ -186,7 +185,7 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
     processes under torchrun), and the step checkpoint + `latest`: in the training's learner
     worker when it has one (this process then imports no torch), else here."""
     if ctx.learner_dir:
-        from srpo_core.learner_worker import submit
+        from srpo_core.learner_client import submit
 
         return StepOutcome(**submit(ctx.learner_dir, ctx, shard_keys))
     return learn_here(ctx, shard_keys)
@@ -201,7 +200,7 @@ def learn_here(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
     cfg = ctx.cfg
     set_threads(cfg)
     store = open_root(ctx)
-    result = step.finish(cfg, get_task(cfg.data.task, cfg.data.path), [_get(ctx, k) for k in shard_keys])
+    result = step.finish(cfg, data_order.training_task(cfg), [_get(ctx, k) for k in shard_keys])
     metrics = result.metrics
     work = Path(tempfile.mkdtemp(prefix="srpo-learn-"))
     try:
@@ -255,7 +254,7 @@ def phase_evaluate(ctx: StepContext, total_steps: int, progress: bool = True) ->
         due.append((0, None))
     if eval_due(cfg, ctx.step, total_steps):
         due.append((ctx.step + 1, ctx.step))
-    sets = [(name, task, task.items("test", cfg.eval.items_per_benchmark, cfg.data.data_seed)) for name, task in ((n, get_task(n)) for n in cfg.eval.benchmarks)] if due else []
+    sets = [(name, task, task.items("test", cfg.eval.items_per_benchmark, cfg.data.data_seed)) for name, task in ((n, data_order.eval_task(cfg, n)) for n in cfg.eval.benchmarks)] if due else []
     for at, ckpt in due:
         engine = load_engine(ctx, step_index=ckpt)  # ckpt None only before the first step: the base model
         accs = {}

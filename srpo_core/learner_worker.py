@@ -25,48 +25,10 @@ import os
 import sys
 import time
 import traceback
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-
-class LearnerWorkerError(RuntimeError):
-    """The worker failed a request (its traceback is in the message) or is gone."""
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def submit(workdir: str | os.PathLike, ctx, shard_keys: list[str], poll_s: float = 0.1) -> dict:
-    """Run the learner phase of epoch step `ctx` (a flow_phases.StepContext) over the shards at
-    `shard_keys` in the worker at `workdir`; its StepOutcome as a dict."""
-    work = Path(workdir)
-    pid = int((work / "pid").read_text())
-    rid = uuid.uuid4().hex
-    result = work / "results" / f"{rid}.json"
-    _write_atomic(work / "requests" / f"{rid}.json", {"ctx": asdict(ctx), "shard_keys": list(shard_keys)})
-    while not result.exists():
-        if not _alive(pid):
-            raise LearnerWorkerError(f"the learner worker (pid {pid}) is gone; its log: {work / 'worker.log'}")
-        time.sleep(poll_s)
-    answer = json.loads(result.read_text())
-    result.unlink(missing_ok=True)
-    if "error" in answer:
-        raise LearnerWorkerError(f"the learner worker failed epoch step {ctx.step} (log {work / 'worker.log'}):\n{answer['error']}")
-    return answer["outcome"]
+from srpo_core.learner_client import LearnerWorkerError, submit, write_atomic  # noqa: F401  (the protocol's client half)
 
 
 def _handle(request: dict) -> dict:
@@ -104,7 +66,7 @@ def serve(workdir: Path, poll_s: float = 0.05) -> None:
             answer = {"outcome": _handle(request)}
         except Exception:  # the flow's learner step raises it, whole
             answer = {"error": traceback.format_exc()}
-        _write_atomic(results / path.name, answer)
+        write_atomic(results / path.name, answer)
         print(f"request {path.stem}: {'failed' if 'error' in answer else 'done'} in {time.perf_counter() - begin:.2f} s", flush=True)
 
 

@@ -56,7 +56,6 @@ def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
     from srpo_core.fsdp import resolve_processes
     from srpo_core.learner import learner_from_config
     from srpo_core.runtime import build_engine, set_threads
-    from srpo_core.tasks import get_task
 
     set_threads(cfg)
     random.seed(cfg.train.seed)
@@ -72,7 +71,7 @@ def open_session(cfg: Config, adapter_path: str | None = None) -> Session:
         engine = HFEngine(learner.model, learner.tokenizer, adapter_version=version)
     else:
         engine = build_engine(cfg, adapter_path, version)
-    return Session(cfg, learner, engine, get_task(cfg.data.task, cfg.data.path))
+    return Session(cfg, learner, engine, data_order.training_task(cfg))
 
 
 def train_step(session: Session, items, step_index: int, out_dir: Path | None = None) -> step.StepResult:

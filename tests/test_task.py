@@ -178,3 +178,17 @@ def test_fidelity_preset_trains_and_evaluates_on_long_chains_with_the_long_model
     longest = max(get_task(cfg.data.task).items("test", 2000, cfg.data.data_seed), key=lambda i: len(i.question))
     assert len(longest.question) == 1 + 2 * synthetic.LONG_CHAINS.max_ops
     assert len(f">Q:{longest.question}|") <= cfg.rollout.max_prompt_tokens  # tiny_rollout_v1, one token per character
+
+
+def test_data_synthetic_sets_the_chains_a_training_sees():
+    """`data.synthetic` reaches the task of the training (its items) and of its evaluation."""
+    import re
+
+    from srpo_core import data_order
+    from srpo_core.config import load_config
+
+    cfg = load_config("tiny", {"data.synthetic": {"min_ops": 10, "max_ops": 12}})
+    for items in (data_order.train_items(cfg), data_order.eval_task(cfg, "synthetic").items("test", 50, 0)):
+        lengths = {len(re.findall(r"[-+*]", it.question)) for it in items}  # operations in "7-3-7+7*..."
+        assert lengths and min(lengths) >= 10 and max(lengths) <= 12, lengths
+    assert max(len(re.findall(r"[-+*]", it.question)) for it in data_order.train_items(load_config("tiny"))) <= 8  # the default: 4-8

@@ -18,7 +18,7 @@ SHORT_NAMES = {
     "numinamath_olympiads": "oly", "hmmt_nov_2025": "hmmt", "math_level5": "lvl5", "strategyqa": "stra",
     "acereason_math": "ace", "sciknoweval_chemistry": "chem", "sciknoweval_biology": "bio",
     "commonsenseqa": "csqa", "sciknoweval_materials": "mat", "sciknoweval_physics": "phys",
-    "livecodebench_medium": "lcbm", "synthetic": "synth", "math500": "m500", "aime24": "aime24", "gsm8k": "gsm8k",
+    "livecodebench_medium": "lcbm", "synthetic": "synth", "synthetic_long": "synthL", "math500": "m500", "aime24": "aime24", "gsm8k": "gsm8k",
 }  # fmt: skip
 EFFICIENCY_COLUMNS = ("train_h", "gen_h", "val_h", "total_h", "tokens", "resp_mean", "gen_tok_s")
 EFFICIENCY_LEGEND = (

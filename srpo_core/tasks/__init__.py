@@ -67,8 +67,9 @@ class SyntheticTask:
 TASKS: dict[str, Callable[..., Task]] = {"synthetic": SyntheticTask, "synthetic_long": SyntheticTask.long_chains}
 
 
-def get_task(name: str, path: str = "") -> Task:
-    """The task `name`; `path` points a data-backed task at a local file instead of its default."""
+def get_task(name: str, path: str = "", synthetic: dict | None = None) -> Task:
+    """The task `name`; `path` points a data-backed task at a local file instead of its default;
+    `synthetic` (config `data.synthetic`) sets the chains of the synthetic task."""
     if name not in TASKS:
         try:  # benchmark-backed tasks, added on first use (srpo_core.benchmarks never imports tasks)
             from srpo_core.tasks.benchmark import register_all
@@ -80,4 +81,6 @@ def get_task(name: str, path: str = "") -> Task:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
     if path and name == "synthetic":
         raise ValueError("data.path: the synthetic task is generated, it reads no file")
+    if synthetic and name == "synthetic":
+        return SyntheticTask.from_config(synthetic)
     return TASKS[name](path=path) if path else TASKS[name]()
