@@ -95,7 +95,11 @@ def run_engine(kind: str, model_path: Path, learner, args, dtype_name: str, devi
     limits = ThoughtLimits(max_thoughts=4, max_thought_tokens=args.max_thought_tokens, max_response_tokens=4 * args.max_thought_tokens, max_model_len=1024)
     extra = ["--max-lora-rank", str(max(16, args.lora_r)), "--gpu-memory-utilization", "0.4", "--max-model-len", "1024"] if kind == "vllm" else []
     res: dict = {"engine": kind}
-    server = timer(kind, "start server (to /ready)", lambda: start_server(str(model_path), engine=kind, dtype=dtype_name, device=device if kind == "hf" else None, workdir=work / f"server-{kind}", extra_args=extra, ready_timeout=900))
+    server = timer(
+        kind,
+        "start server (to /ready)",
+        lambda: start_server(str(model_path), engine=kind, dtype=dtype_name, device=device if kind == "hf" else None, workdir=work / f"server-{kind}", extra_args=extra, ready_timeout=900),
+    )
     try:
         eng = server.engine()
         v1 = learner.save_adapter(work / f"{kind}-v1")
@@ -140,8 +144,26 @@ def fsdp_step(model_path: Path, learner, engine, args, dtype_name: str, processe
     start = work / "fsdp-start"
     learner.save_adapter(start / "adapter")
     learner.save_optimizer(start / "optimizer.pt")
-    cfg = load_config("tiny", {"model.name_or_path": str(model_path), "model.dtype": dtype_name, "model.threads": 0, "lora.r": args.lora_r, "lora.alpha": 2 * args.lora_r, "optim.lr": 1e-3, "train.processes": processes, "train.mini_batch_prompts": 8, "train.prompts_per_step": 8})
-    metrics = timer(f"fsdp x{processes}", "learner step (torchrun)", lambda: learn(cfg, seqs, start, work / "fsdp-out", 0, canary_path=work / "fsdp-canary.json"), lambda m: f"loss={m['learner/loss']:.3g} grad_norm={m['learner/grad_norm']:.3g}")
+    cfg = load_config(
+        "tiny",
+        {
+            "model.name_or_path": str(model_path),
+            "model.dtype": dtype_name,
+            "model.threads": 0,
+            "lora.r": args.lora_r,
+            "lora.alpha": 2 * args.lora_r,
+            "optim.lr": 1e-3,
+            "train.processes": processes,
+            "train.mini_batch_prompts": 8,
+            "train.prompts_per_step": 8,
+        },
+    )
+    metrics = timer(
+        f"fsdp x{processes}",
+        "learner step (torchrun)",
+        lambda: learn(cfg, seqs, start, work / "fsdp-out", 0, canary_path=work / "fsdp-canary.json"),
+        lambda m: f"loss={m['learner/loss']:.3g} grad_norm={m['learner/grad_norm']:.3g}",
+    )
     single = learner.update(seqs, 8, 16)
     from safetensors.torch import load_file
 

@@ -46,7 +46,9 @@ def worker(model_path: str, out: str) -> None:
 def run(model_path: Path, processes: int, all_load: bool) -> list[float]:
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "OMP_NUM_THREADS": "1", **({"SRPO_BENCH_ALL_LOAD": "1"} if all_load else {})}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", __file__, "--worker", str(model_path), out], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", __file__, "--worker", str(model_path), out], env=env, check=True, capture_output=True
+        )
         return [json.loads(Path(out, f"rank{r}.json").read_text())["rss_gb"] for r in range(processes)]
 
 

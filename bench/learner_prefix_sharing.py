@@ -64,7 +64,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(Path(tmp), argparse.Namespace(hidden=args.hidden, layers=args.layers, heads=8, kv_heads=2), torch.float32)
         learners = {share: Learner(str(path), cfg.lora, cfg.optim, share_prefix_forward=share) for share in (True, False)}
-        print(f"random Qwen2 (hidden {args.hidden}, {args.layers} layers) on {learners[True].device} ({torch.get_num_threads()} threads), {args.groups} groups x {args.group} suffixes of {args.length} tokens, median of {args.repeats}:")
+        print(
+            f"random Qwen2 (hidden {args.hidden}, {args.layers} layers) on {learners[True].device} ({torch.get_num_threads()} threads), "
+            f"{args.groups} groups x {args.group} suffixes of {args.length} tokens, median of {args.repeats}:"
+        )
         for ratio in (1, 3):
             seqs = sequences(ratio, args.length, args.group, args.groups)
             times: dict[bool, list[float]] = {True: [], False: []}

@@ -107,7 +107,9 @@ def main() -> None:
     print(f"thought-structured tokens/s: {statistics.median(ours_tps):.0f}   plain generate(): {statistics.median(plain_tps):.0f}   one call per thought: {per_call_tps:.0f}")
     print(f"RATIO thought-structured / plain generate (target >= 0.8): median {statistics.median(ratios):.2f}  runs {[round(x, 2) for x in ratios]}")
     print(f"(the one-call-per-thought reference decodes one chain at a time: {statistics.median(ours_tps) / per_call_tps:.0f}x slower per token here; context only)")
-    print(f"RATIO shared prefix encoded once vs re-encoded per suffix (speed-up, mean context {mean_prefix:.0f} tokens): median {statistics.median(sp_ratio):.2f}  runs {[round(x, 2) for x in sp_ratio]}")
+    print(
+        f"RATIO shared prefix encoded once vs re-encoded per suffix (speed-up, mean context {mean_prefix:.0f} tokens): median {statistics.median(sp_ratio):.2f}  runs {[round(x, 2) for x in sp_ratio]}"
+    )
 
 
 if __name__ == "__main__":

@@ -387,7 +387,13 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("srpo_core") / "presets").iterdir() if p.name.endswith(".yaml"))
 
 
-RUNTIME_KEYS = ("resources", "rollout.server_url", "train.processes", "model.threads", "train.share_prefix_forward")  # where and how fast, not what (shared forwards change results by float32 reordering only)
+RUNTIME_KEYS = (
+    "resources",
+    "rollout.server_url",
+    "train.processes",
+    "model.threads",
+    "train.share_prefix_forward",
+)  # where and how fast, not what (shared forwards change results by float32 reordering only)
 
 
 def results_config(data: dict) -> dict:

@@ -181,7 +181,9 @@ def evaluate(
     skipped = len(items) - len(kept)
     if truncated or skipped:
         key = (name, truncated, skipped, len(items), cfg.rollout.max_prompt_tokens, long_prompts)
-        (log.info if key in _REPORTED else log.warning)("%s: %d of %d prompts truncated, %d skipped (rollout.max_prompt_tokens=%d, long_prompts=%r)", name, truncated, len(items), skipped, cfg.rollout.max_prompt_tokens, long_prompts)
+        (log.info if key in _REPORTED else log.warning)(
+            "%s: %d of %d prompts truncated, %d skipped (rollout.max_prompt_tokens=%d, long_prompts=%r)", name, truncated, len(items), skipped, cfg.rollout.max_prompt_tokens, long_prompts
+        )
         _REPORTED.add(key)  # the same counts again (next evaluation of the same set): info only
 
     t_eval = cfg.eval.temperature
@@ -239,7 +241,22 @@ class SuiteResult:
         return [{"step": self.step, **o} for r in self.results.values() for o in r.outcomes]
 
 
-OUTCOME_COLUMNS = ("step", "benchmark", "id", "gold", "correct", "reward", "rewards", "finish_reason", "response_tokens", "prompt_tokens", "prompt_truncated", "prompt_chars_dropped", "skipped", "response")
+OUTCOME_COLUMNS = (
+    "step",
+    "benchmark",
+    "id",
+    "gold",
+    "correct",
+    "reward",
+    "rewards",
+    "finish_reason",
+    "response_tokens",
+    "prompt_tokens",
+    "prompt_truncated",
+    "prompt_chars_dropped",
+    "skipped",
+    "response",
+)
 
 
 def outcomes_csv(rows: list[dict]) -> str:

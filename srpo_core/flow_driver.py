@@ -504,7 +504,19 @@ def print_summary(plan: Plan, cfg: Config, rows: list[Gain], reports: list[StepR
         table.add_column(col)
     tags = identity.tags(cfg, plan.training_id)
     for g in rows or [Gain("-", float("nan"), float("nan"), 0, 0, float("nan"), float("nan"), float("nan"))]:
-        table.add_row(tags["method"], tags["split"], tags["localizer"], str(plan.total_steps), g.benchmark, str(g.n), f"{g.before:.3f}", f"{g.after:.3f}", f"{g.gain:+.3f} [{g.low:+.3f}, {g.high:+.3f}]", f"{wall:.0f}s", f"{overhead:.0f}s")
+        table.add_row(
+            tags["method"],
+            tags["split"],
+            tags["localizer"],
+            str(plan.total_steps),
+            g.benchmark,
+            str(g.n),
+            f"{g.before:.3f}",
+            f"{g.after:.3f}",
+            f"{g.gain:+.3f} [{g.low:+.3f}, {g.high:+.3f}]",
+            f"{wall:.0f}s",
+            f"{overhead:.0f}s",
+        )
     console.print(table)
     console.print(f"MLflow:    mlflow ui --backend-store-uri {plan.tracking_uri}   (run {plan.mlflow_run_id})")
     if reports:
@@ -532,7 +544,10 @@ def finish(plan: Plan, reports: list[StepReport]) -> dict:
     mlflow.set_tracking_uri(plan.tracking_uri)
     client = mlflow.MlflowClient()
     history = collect_history(plan, client)
-    figures = {"plots/training.png": training_figure(history), "plots/localization_audit.png": audit.plot_audit(history.records, title=f"Localization audit ({plan.training_id})") if history.records else None}
+    figures = {
+        "plots/training.png": training_figure(history),
+        "plots/localization_audit.png": audit.plot_audit(history.records, title=f"Localization audit ({plan.training_id})") if history.records else None,
+    }
     if "critic/ece" in history.metrics:
         from srpo_core import critic
 
@@ -543,7 +558,20 @@ def finish(plan: Plan, reports: list[StepReport]) -> dict:
             plt.close(fig)
     rows = gains(history)
     if rows:
-        tracking.log_table({"benchmark": [g.benchmark for g in rows], "before": [g.before for g in rows], "after": [g.after for g in rows], "step": [g.at_step for g in rows], "items": [g.n for g in rows], "gain": [g.gain for g in rows], "gain_low95": [g.low for g in rows], "gain_high95": [g.high for g in rows]}, "accuracy", run_id=plan.mlflow_run_id)
+        tracking.log_table(
+            {
+                "benchmark": [g.benchmark for g in rows],
+                "before": [g.before for g in rows],
+                "after": [g.after for g in rows],
+                "step": [g.at_step for g in rows],
+                "items": [g.n for g in rows],
+                "gain": [g.gain for g in rows],
+                "gain_low95": [g.low for g in rows],
+                "gain_high95": [g.high for g in rows],
+            },
+            "accuracy",
+            run_id=plan.mlflow_run_id,
+        )
     client.set_terminated(plan.mlflow_run_id, "FINISHED")
     print_summary(plan, cfg, rows, reports, Console(width=200))
     return {

@@ -10,7 +10,16 @@ from typing import Any
 from srpo_core.config import Config, parse_overrides
 
 
-def flag_overrides(*, method: str | None = None, split: str | None = None, localizer: str | None = None, seed: int | None = None, loss: str | None = None, steps: int | None = None, sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def flag_overrides(
+    *,
+    method: str | None = None,
+    split: str | None = None,
+    localizer: str | None = None,
+    seed: int | None = None,
+    loss: str | None = None,
+    steps: int | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Dotted overrides from CLI flags (None: not given) and `--set key=value` pairs (which win).
     Naming a method without a localizer selects that method's default localizer."""
     flags = {"method.method": method, "method.split": split, "method.localizer": localizer, "train.seed": seed, "loss.loss": loss, "train.max_steps": steps}

@@ -116,7 +116,19 @@ class _PrefixCache:
 
 
 class Learner:
-    def __init__(self, model_path: str, lora, optim, dtype: str = "float32", temperature: float = 1.0, loss: str = "pg", loss_kwargs: dict | None = None, gradient_checkpointing: bool = False, adapter_path: str | None = None, share_prefix_forward: bool = True):
+    def __init__(
+        self,
+        model_path: str,
+        lora,
+        optim,
+        dtype: str = "float32",
+        temperature: float = 1.0,
+        loss: str = "pg",
+        loss_kwargs: dict | None = None,
+        gradient_checkpointing: bool = False,
+        adapter_path: str | None = None,
+        share_prefix_forward: bool = True,
+    ):
         from peft import LoraConfig as PeftLoraConfig
         from peft import PeftConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -226,12 +238,16 @@ class Learner:
         ctx_logits = self.model(input_ids=b["ctx_ids"], attention_mask=b["ctx_attn"], use_cache=False, logits_to_keep=keep, **{self._cache_arg: record}).logits  # [C, |keep|, V]
         first = ctx_logits[torch.arange(ctx_logits.shape[0], device=keep.device), torch.searchsorted(keep, b["last"])]  # [C, V]
         if sorted(record.recorded) != list(range(self._layers)):
-            raise RuntimeError(f"shared-context forward: the model recorded keys/values of layers {sorted(record.recorded)}, expected 0..{self._layers - 1} (set train.share_prefix_forward: false for this model)")
+            raise RuntimeError(
+                f"shared-context forward: the model recorded keys/values of layers {sorted(record.recorded)}, expected 0..{self._layers - 1} (set train.share_prefix_forward: false for this model)"
+            )
         rows = b["row_unit"]
         extend = _PrefixCache.make([(record.recorded[i][0].index_select(0, rows), record.recorded[i][1].index_select(0, rows)) for i in range(self._layers)])  # [R, H, Lc, D] each
         attn = torch.cat([b["ctx_attn"].index_select(0, rows), b["attn"]], 1)  # [R, Lc + Ls]
         width = b["ids"].shape[1]
-        logits = self.model(input_ids=b["ids"], attention_mask=attn, position_ids=b["positions"], use_cache=False, logits_to_keep=torch.arange(width - 1, device=self.device), **{self._cache_arg: extend}).logits  # [R, Ls-1, V]
+        logits = self.model(
+            input_ids=b["ids"], attention_mask=attn, position_ids=b["positions"], use_cache=False, logits_to_keep=torch.arange(width - 1, device=self.device), **{self._cache_arg: extend}
+        ).logits  # [R, Ls-1, V]
         if len(extend.layer_calls) != self._layers:
             raise RuntimeError(f"shared-context forward: {len(extend.layer_calls)} of {self._layers} layers read the context's keys/values (set train.share_prefix_forward: false for this model)")
         head = algos.token_logprobs(first.index_select(0, rows)[:, None], b["ids"][:, :1], self.temperature)  # [R, 1]: the first suffix token
@@ -400,7 +416,18 @@ def learner_from_config(cfg, adapter_path: str | None = None) -> Learner:
     """The learner a config describes (model, LoRA, optimizer, loss, rollout temperature)."""
     from srpo_core.runtime import resolve_model_path
 
-    return Learner(resolve_model_path(cfg.model.name_or_path), cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, loss=cfg.loss.loss, loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip}, gradient_checkpointing=cfg.train.gradient_checkpointing, adapter_path=adapter_path, share_prefix_forward=cfg.train.share_prefix_forward)
+    return Learner(
+        resolve_model_path(cfg.model.name_or_path),
+        cfg.lora,
+        cfg.optim,
+        dtype=cfg.model.dtype,
+        temperature=cfg.rollout.temperature,
+        loss=cfg.loss.loss,
+        loss_kwargs={"clip_eps": cfg.loss.clip_eps, "dual_clip": cfg.loss.dual_clip},
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        adapter_path=adapter_path,
+        share_prefix_forward=cfg.train.share_prefix_forward,
+    )
 
 
 def forward_tokens(seqs: list[TrainSequence], shared: bool) -> int:

@@ -138,7 +138,15 @@ def _one_update(cfg, seqs, **kw):
     """The LoRA change of one update under plain SGD (lr 1): minus the clipped gradient, which
     unlike Adam's first step keeps the gradient's scale."""
     torch.manual_seed(0)
-    learner = Learner(cfg.model.name_or_path, cfg.lora, cfg.optim, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature, gradient_checkpointing=kw.pop("gradient_checkpointing", False), share_prefix_forward=kw.pop("share", True))
+    learner = Learner(
+        cfg.model.name_or_path,
+        cfg.lora,
+        cfg.optim,
+        dtype=cfg.model.dtype,
+        temperature=cfg.rollout.temperature,
+        gradient_checkpointing=kw.pop("gradient_checkpointing", False),
+        share_prefix_forward=kw.pop("share", True),
+    )
     learner.optimizer = torch.optim.SGD([p for p in learner.model.parameters() if p.requires_grad], lr=1.0)
     before = learner.lora_state()
     metrics = learner.update(seqs, cfg.train.mini_batch_prompts, **kw)

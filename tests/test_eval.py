@@ -246,7 +246,19 @@ def test_evaluate_suite_logs_metrics_and_outcomes(mlflow_server, tmp_path):
     run_id = client.create_run(exp).info.run_id
     engine = CharEngine(lambda p, j, t: "\\boxed{A}</thought>" if t == 0 or j == 0 else "\\boxed{B}</thought>")
     cfg = load_config("tiny", {"rollout.max_prompt_tokens": 2048})
-    suite = evaluate_suite(engine, cfg, ["synthetic", "commonsenseqa"], 3, run_id=run_id, items_per_benchmark={"synthetic": 8, "commonsenseqa": 8}, samples=2, ks=(1, 2), progress=False, out_dir=tmp_path, tracking_uri=mlflow_server)
+    suite = evaluate_suite(
+        engine,
+        cfg,
+        ["synthetic", "commonsenseqa"],
+        3,
+        run_id=run_id,
+        items_per_benchmark={"synthetic": 8, "commonsenseqa": 8},
+        samples=2,
+        ks=(1, 2),
+        progress=False,
+        out_dir=tmp_path,
+        tracking_uri=mlflow_server,
+    )
     csqa = suite.results["commonsenseqa"]
     golds = [i.gold for i in get_task("commonsenseqa").items("test", 8, 0)]
     assert csqa.n == 8 and csqa.accuracy == pytest.approx(golds.count("A") / 8)

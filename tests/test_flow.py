@@ -139,7 +139,18 @@ def test_killed_training_resumes_without_repeating_or_skipping(tmp_path, tiny_mo
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert store.get_bytes(S.manifest_key("tiny-resume", 0)) == step0  # step 0 not redone
-    cfg = load_config("tiny", {"model.name_or_path": tiny_model_path, "eval.items_per_benchmark": 30, "data.train_size": 32, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8, "eval.every_steps": 0, "train.max_steps": 3})
+    cfg = load_config(
+        "tiny",
+        {
+            "model.name_or_path": tiny_model_path,
+            "eval.items_per_benchmark": 30,
+            "data.train_size": 32,
+            "train.prompts_per_step": 8,
+            "train.mini_batch_prompts": 8,
+            "eval.every_steps": 0,
+            "train.max_steps": 3,
+        },
+    )
     items = data_order.step_batches(32, 8, cfg.train.epochs, cfg.train.seed)
     from srpo_core.tasks import get_task
 

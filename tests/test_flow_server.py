@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,7 +19,14 @@ pytestmark = pytest.mark.slow
 def test_flow_with_inference_server(tmp_path, tiny_model_path):
     art = tmp_path / "art"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_flow(tmp_path, flow_env(tmp_path, str(art), uri), steps=2, set=quick_set(tiny_model_path, "rollout.server_url=auto eval.every_steps=0 train.processes=2"), training_id="tiny-server", quiet_steps=True)
+    run_flow(
+        tmp_path,
+        flow_env(tmp_path, str(art), uri),
+        steps=2,
+        set=quick_set(tiny_model_path, "rollout.server_url=auto eval.every_steps=0 train.processes=2"),
+        training_id="tiny-server",
+        quiet_steps=True,
+    )
     store = S.open_store(str(art))
     for step, version in ((0, "base"), (1, "step-1")):
         rows = [json.loads(l) for l in store.get_bytes(f"{S.step_prefix('tiny-server', step)}/rollouts.jsonl").decode().splitlines()]
@@ -34,8 +40,14 @@ def test_flow_with_inference_server(tmp_path, tiny_model_path):
 
 def test_unreachable_server_fails_before_any_phase(tmp_path, tiny_model_path):
     env = {**os.environ, **flow_env(tmp_path, str(tmp_path / "art"), f"sqlite:///{tmp_path}/m.db")}
-    t = time.time()
-    p = subprocess.run([sys.executable, FLOW, "run", "--quiet-steps", "true", "--set", quick_set(tiny_model_path, "rollout.server_url=http://127.0.0.1:9")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [sys.executable, FLOW, "run", "--quiet-steps", "true", "--set", quick_set(tiny_model_path, "rollout.server_url=http://127.0.0.1:9")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode != 0 and "http://127.0.0.1:9" in p.stdout + p.stderr
     assert "/train_step/" not in p.stdout + p.stderr  # failed in start, before any epoch step
     assert not (tmp_path / "art" / "runs").exists()

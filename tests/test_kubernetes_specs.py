@@ -27,7 +27,9 @@ def test_argo_compile_of_paper_preset(tmp_path, s3_server, s3_bucket):
         "METAFLOW_KUBERNETES_NAMESPACE": "srpo", "METAFLOW_KUBERNETES_SERVICE_ACCOUNT": "srpo-runner",
         **kubernetes_env(cfg),
     }
-    p = subprocess.run([sys.executable, str(ROOT / "flows" / "srpo_step_flow.py"), "--datastore=s3", "argo-workflows", "create", "--only-json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "flows" / "srpo_step_flow.py"), "--datastore=s3", "argo-workflows", "create", "--only-json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     spec = json.loads(p.stdout[p.stdout.index("{"):])
     templates = {t["name"]: t for t in spec["spec"]["templates"] if "container" in t and t["name"] != "error-msg-capture-hook"}

@@ -39,7 +39,11 @@ def _in_memory(cfg, step_index=0) -> str:
     return records_jsonl(result.records, step_index, cfg)
 
 
-@pytest.mark.parametrize("over", [{"method.method": "srpo", "method.localizer": "self"}, {"method.method": "grpo", "method.localizer": ""}, {"method.method": "rrpo", "method.localizer": "", "method.split": "2x4"}], ids=["srpo-self", "grpo", "rrpo-2x4"])
+@pytest.mark.parametrize(
+    "over",
+    [{"method.method": "srpo", "method.localizer": "self"}, {"method.method": "grpo", "method.localizer": ""}, {"method.method": "rrpo", "method.localizer": "", "method.split": "2x4"}],
+    ids=["srpo-self", "grpo", "rrpo-2x4"],
+)
 def test_a_seeded_step_gives_identical_records_in_memory_and_through_the_store(tiny_model_path, tmp_path, over):
     cfg = _cfg(tiny_model_path, **over)
     memory, stored = _in_memory(cfg, 1), _through_the_store(cfg, tmp_path, 1)

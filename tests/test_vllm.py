@@ -333,7 +333,9 @@ def test_server_with_vllm_engine_passes_the_canary(tiny_model_path, lora_dir, tm
     from srpo_core.server import canary_check, start_server
 
     ref = HFEngine(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), str(lora_dir)).eval(), load_tokenizer(tiny_model_path))
-    with start_server(tiny_model_path, engine="vllm", dtype="float32", workdir=tmp_path, extra_args=["--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--max-lora-rank", "16"]) as srv:
+    with start_server(
+        tiny_model_path, engine="vllm", dtype="float32", workdir=tmp_path, extra_args=["--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--max-lora-rank", "16"]
+    ) as srv:
         eng = srv.engine()
         eng.load_adapter(str(lora_dir), "g1")
         result = canary_check(eng, ref, "g1", tol=1e-3, mean_tol=1e-4)

@@ -127,10 +127,28 @@ def _main(args: argparse.Namespace) -> int:
     if bad_k:
         raise SystemExit(f"--pass-k {bad_k}: each k must be in 1..--samples ({args.samples})")
     cfg = load_config(args.config, parse_overrides(args.set or []))
-    plan = plan_comparison(cfg, methods=args.methods, splits=args.splits, localizers=args.localizers, seeds=args.seeds, steps=args.steps, benchmarks=args.benchmarks, eval_items=args.eval_items, eval_every=args.eval_every, out_dir=args.out, long_prompts=args.long_prompts, samples=args.samples, ks=args.pass_k, progress=not args.quiet)
+    plan = plan_comparison(
+        cfg,
+        methods=args.methods,
+        splits=args.splits,
+        localizers=args.localizers,
+        seeds=args.seeds,
+        steps=args.steps,
+        benchmarks=args.benchmarks,
+        eval_items=args.eval_items,
+        eval_every=args.eval_every,
+        out_dir=args.out,
+        long_prompts=args.long_prompts,
+        samples=args.samples,
+        ks=args.pass_k,
+        progress=not args.quiet,
+    )
     if not args.no_mlflow:
         plan = open_parent_run(plan, args.experiment, tracking.resolve_tracking_uri(args.tracking_uri))
-    print(f"comparison {plan.comparison_id}: {len(plan.specs)} trainings ({', '.join(plan.labels)} x seeds {' '.join(map(str, args.seeds))}), {plan.specs[0].steps if plan.specs else 0} steps each, benchmarks {', '.join(plan.benchmarks)}")
+    print(
+        f"comparison {plan.comparison_id}: {len(plan.specs)} trainings ({', '.join(plan.labels)} x seeds {' '.join(map(str, args.seeds))}), "
+        f"{plan.specs[0].steps if plan.specs else 0} steps each, benchmarks {', '.join(plan.benchmarks)}"
+    )
     t0 = time.perf_counter()
     _, out = run_comparison(plan, progress=not args.quiet)
     print()

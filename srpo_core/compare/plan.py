@@ -132,7 +132,27 @@ def plan_comparison(
             n_steps = total_steps_of(c, steps)
             every = cfg.eval.every_steps if eval_every is None else eval_every
             tid = identity.training_id(c, prefix=cid)
-            specs.append(RunSpec(cid, tid, labels[v], v.method, v.split, v.localizer, int(seed), c.to_dict(), bench, per_bench, identity.eval_steps(n_steps, every), n_steps, str(Path(out_dir) / "trainings" / tid), long_prompts=long_prompts, samples=samples, ks=list(ks), progress=progress))
+            specs.append(
+                RunSpec(
+                    cid,
+                    tid,
+                    labels[v],
+                    v.method,
+                    v.split,
+                    v.localizer,
+                    int(seed),
+                    c.to_dict(),
+                    bench,
+                    per_bench,
+                    identity.eval_steps(n_steps, every),
+                    n_steps,
+                    str(Path(out_dir) / "trainings" / tid),
+                    long_prompts=long_prompts,
+                    samples=samples,
+                    ks=list(ks),
+                    progress=progress,
+                )
+            )
     return ComparisonPlan(cid, cfg.to_dict(), bench, list(dict.fromkeys(labels[v] for v in variants)), specs, str(out_dir))
 
 

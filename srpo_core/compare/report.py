@@ -308,7 +308,13 @@ def open_parent_run(plan: ComparisonPlan, experiment: str, tracking_uri: str) ->
     tags = {"comparison_id": plan.comparison_id, "kind": "comparison", "model": cfg.model.name_or_path, "task": cfg.data.task, "preset": cfg.name}
     run = client.create_run(exp_id, run_name=f"compare {plan.comparison_id}", tags=tags)
     seeds = sorted({s.seed for s in plan.specs})
-    params = {"compare.methods": json.dumps(plan.labels), "compare.seeds": json.dumps(seeds), "compare.benchmarks": json.dumps(plan.benchmarks), "compare.steps": str(max((s.steps for s in plan.specs), default=0)), "compare.eval_items": json.dumps(plan.specs[0].eval_items if plan.specs else {})}
+    params = {
+        "compare.methods": json.dumps(plan.labels),
+        "compare.seeds": json.dumps(seeds),
+        "compare.benchmarks": json.dumps(plan.benchmarks),
+        "compare.steps": str(max((s.steps for s in plan.specs), default=0)),
+        "compare.eval_items": json.dumps(plan.specs[0].eval_items if plan.specs else {}),
+    }
     params.update(tracking.flatten_config(plan.config))
     tracking.log_params(client, run.info.run_id, {k: tracking.truncate_value(v) for k, v in params.items()})
     plan.tracking_uri, plan.experiment_id, plan.parent_run_id = uri, exp_id, run.info.run_id
@@ -347,7 +353,19 @@ def finish_comparison(plan: ComparisonPlan | dict, results: list[TrainingResult 
     plot_learning_curves(plan.labels, plan.benchmarks, results, paths.curves_png)
     paths.audit_pngs = plot_audits(plan.labels, plan.specs, out)
     paths.runs_jsonl.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
-    (out / "comparison.json").write_text(json.dumps({"comparison_id": plan.comparison_id, "labels": plan.labels, "benchmarks": plan.benchmarks, "parent_run_id": plan.parent_run_id, "tracking_uri": plan.tracking_uri, "trainings": [s.training_id for s in plan.specs]}, indent=1))
+    (out / "comparison.json").write_text(
+        json.dumps(
+            {
+                "comparison_id": plan.comparison_id,
+                "labels": plan.labels,
+                "benchmarks": plan.benchmarks,
+                "parent_run_id": plan.parent_run_id,
+                "tracking_uri": plan.tracking_uri,
+                "trainings": [s.training_id for s in plan.specs],
+            },
+            indent=1,
+        )
+    )
     if plan.parent_run_id:
         from srpo_core import tracking
 

@@ -125,7 +125,21 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
         session = open_session(cfg)
 
         def suite_at(step: int):
-            return evaluate_suite(session.engine, cfg, spec.benchmarks, step, run_id=run_id, items_per_benchmark=spec.eval_items, samples=spec.samples, ks=tuple(spec.ks), long_prompts=spec.long_prompts, progress=spec.progress, out_dir=out, log_to_mlflow=run_id is not None, tracking_uri=spec.tracking_uri)
+            return evaluate_suite(
+                session.engine,
+                cfg,
+                spec.benchmarks,
+                step,
+                run_id=run_id,
+                items_per_benchmark=spec.eval_items,
+                samples=spec.samples,
+                ks=tuple(spec.ks),
+                long_prompts=spec.long_prompts,
+                progress=spec.progress,
+                out_dir=out,
+                log_to_mlflow=run_id is not None,
+                tracking_uri=spec.tracking_uri,
+            )
 
         if 0 in spec.eval_steps:
             add_evaluation(result, 0, suite_at(0))

@@ -659,7 +659,17 @@ class HFEngine(RolloutEngine):
     def _rollout(self, req: ThoughtRequest, gen_ids, lps, spans, finish) -> Rollout:
         response = list(req.prefix_ids) + gen_ids
         thoughts = [self.decode(response[a:b]) for a, b in spans]
-        return Rollout(prompt_ids=list(req.prompt_ids), response_ids=response, prefix_len=len(req.prefix_ids), spans=[tuple(s) for s in spans], logprobs=lps, thoughts=thoughts, text=self.decode(response), finish_reason=finish, adapter_version=self.adapter_version)
+        return Rollout(
+            prompt_ids=list(req.prompt_ids),
+            response_ids=response,
+            prefix_len=len(req.prefix_ids),
+            spans=[tuple(s) for s in spans],
+            logprobs=lps,
+            thoughts=thoughts,
+            text=self.decode(response),
+            finish_reason=finish,
+            adapter_version=self.adapter_version,
+        )
 
     def generate_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams) -> list[list[Rollout]]:
         batch = self.continuous_batch()
@@ -710,7 +720,19 @@ def generate_thoughts_per_call(model, tokenizer, requests: list[ThoughtRequest],
             finish = state.finish[0]
             while finish is None:
                 ctx = torch.tensor([list(req.prompt_ids) + response], device=engine.device)
-                gen = model.generate(input_ids=ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=limits.max_thought_tokens, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None, top_p=sampling.top_p if sampling.temperature > 0 else None, top_k=sampling.top_k or None, pad_token_id=engine.pad_id, output_logits=True, return_dict_in_generate=True, **stop_kwargs)
+                gen = model.generate(
+                    input_ids=ctx,
+                    attention_mask=torch.ones_like(ctx),
+                    max_new_tokens=limits.max_thought_tokens,
+                    do_sample=sampling.temperature > 0,
+                    temperature=sampling.temperature or None,
+                    top_p=sampling.top_p if sampling.temperature > 0 else None,
+                    top_k=sampling.top_k or None,
+                    pad_token_id=engine.pad_id,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                    **stop_kwargs,
+                )
                 new = gen.sequences[0, ctx.shape[1]:].tolist()
                 step_lp = [F.log_softmax(l[0].float() / (sampling.temperature or 1.0), -1)[t].item() for l, t in zip(gen.logits, new)]
                 if tokenizer.eos_token_id in new:

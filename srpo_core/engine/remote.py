@@ -133,7 +133,11 @@ class RemoteEngine(RolloutEngine):
                     raise
                 time.sleep(0.5)
         if self.adapter_version is not None and self.adapter_version not in info.get("versions", []):
-            raise AdapterVersionError(f"inference server at {self.url} does not hold adapter version {self.adapter_version!r} (it holds {info.get('versions')}); load it with load_adapter(uri, version)", status=409, url=self.url)
+            raise AdapterVersionError(
+                f"inference server at {self.url} does not hold adapter version {self.adapter_version!r} (it holds {info.get('versions')}); load it with load_adapter(uri, version)",
+                status=409,
+                url=self.url,
+            )
         return info
 
     def adapters(self) -> dict:

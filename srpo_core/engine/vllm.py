@@ -218,7 +218,13 @@ class VLLMEngine(RolloutEngine):
 
         rows_req = [i for i, r in enumerate(requests) for _ in range(r.n)]
         rows_chain = [j for r in requests for j in range(r.n)]
-        chains = _Chains(self, limits, [len(requests[i].prompt_ids) + len(requests[i].prefix_ids) for i in rows_req], [list(requests[i].prefix_ids) for i in rows_req], [list(requests[i].prefix_spans) for i in rows_req])
+        chains = _Chains(
+            self,
+            limits,
+            [len(requests[i].prompt_ids) + len(requests[i].prefix_ids) for i in rows_req],
+            [list(requests[i].prefix_ids) for i in rows_req],
+            [list(requests[i].prefix_spans) for i in rows_req],
+        )
         generated: list[list[int]] = [[] for _ in rows_req]
         logprobs: list[list[float]] = [[] for _ in rows_req]
 
@@ -260,7 +266,19 @@ class VLLMEngine(RolloutEngine):
             req = requests[i]
             response = list(req.prefix_ids) + generated[row]
             spans = [tuple(s) for s in chains.spans[row]]
-            out[i].append(Rollout(prompt_ids=list(req.prompt_ids), response_ids=response, prefix_len=len(req.prefix_ids), spans=spans, logprobs=logprobs[row], thoughts=[self.decode(response[a:b]) for a, b in spans], text=self.decode(response), finish_reason=chains.finish[row], adapter_version=self.adapter_version))
+            out[i].append(
+                Rollout(
+                    prompt_ids=list(req.prompt_ids),
+                    response_ids=response,
+                    prefix_len=len(req.prefix_ids),
+                    spans=spans,
+                    logprobs=logprobs[row],
+                    thoughts=[self.decode(response[a:b]) for a, b in spans],
+                    text=self.decode(response),
+                    finish_reason=chains.finish[row],
+                    adapter_version=self.adapter_version,
+                )
+            )
         return out
 
     def complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams) -> list[Completion]:

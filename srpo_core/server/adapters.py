@@ -245,7 +245,9 @@ class AdapterSource:
             raise AdapterRefused(422, f"adapter uri {uri!r}: the step manifest {where} lists no {lead} files; refused")
         problems = [f"missing: {p}" for p in sorted(expected.keys() - files.keys())]
         problems += [f"not in the manifest: {p}" for p in sorted(files.keys() - expected.keys())]
-        problems += [f"corrupt: {p} (sha256 {files[p][0][:12]}, size {files[p][1]}; manifest {expected[p][0][:12]}, {expected[p][1]})" for p in sorted(files.keys() & expected.keys()) if files[p] != expected[p]]
+        problems += [
+            f"corrupt: {p} (sha256 {files[p][0][:12]}, size {files[p][1]}; manifest {expected[p][0][:12]}, {expected[p][1]})" for p in sorted(files.keys() & expected.keys()) if files[p] != expected[p]
+        ]
         if problems:
             raise AdapterRefused(422, f"adapter uri {uri!r} does not match its step manifest {where}: " + "; ".join(problems))
 

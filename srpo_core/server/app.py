@@ -275,7 +275,9 @@ class Adapter:
 
 
 class ModelHost:
-    def __init__(self, backend_factory, model_path: str, engine_kind: str = "hf", base_version: str = "base", max_adapters: int = 2, cache_dir: str | None = None, *, adapter_source: AdapterSource | None = None):
+    def __init__(
+        self, backend_factory, model_path: str, engine_kind: str = "hf", base_version: str = "base", max_adapters: int = 2, cache_dir: str | None = None, *, adapter_source: AdapterSource | None = None
+    ):
         self.backend_factory = backend_factory
         self.model_path = model_path
         self.engine_kind = engine_kind
@@ -397,7 +399,11 @@ class ModelHost:
                     held = self.adapters.get(version)
                 if held is not None:
                     if held.sha256 != sha:
-                        raise HTTPError(409, f"version {version!r} is already held with other weights (sha256 {held.sha256[:12]} from {held.uri}, now {sha[:12]} from {uri}); versions are immutable, load under a new version")
+                        raise HTTPError(
+                            409,
+                            f"version {version!r} is already held with other weights (sha256 {held.sha256[:12]} from {held.uri}, now {sha[:12]} from {uri}); "
+                            "versions are immutable, load under a new version",
+                        )
                     shutil.rmtree(path.parent, ignore_errors=True)
                     with self.meta_lock:
                         self.active = version
@@ -418,7 +424,15 @@ class ModelHost:
             if not registered:
                 shutil.rmtree(path.parent, ignore_errors=True)
             raise
-        log.info("adapter %s loaded from %s (sha256 %s%s) in %.2fs; holding %s", version, uri, sha[:12], f", verified against {fetched.manifest}" if fetched.manifest else "", time.perf_counter() - t0, self.versions())
+        log.info(
+            "adapter %s loaded from %s (sha256 %s%s) in %.2fs; holding %s",
+            version,
+            uri,
+            sha[:12],
+            f", verified against {fetched.manifest}" if fetched.manifest else "",
+            time.perf_counter() - t0,
+            self.versions(),
+        )
         return {"version": version, "sha256": sha, "uri": uri, "evicted": evicted, "active": version, "already_loaded": False, "manifest_verified": fetched.manifest is not None}
 
     def _evict(self, backend: Backend) -> list[str]:
@@ -472,7 +486,9 @@ class ModelHost:
                 elif want in self.adapters:
                     name, held_sha = self.adapters[want].name, self.adapters[want].sha256
                 else:
-                    raise HTTPError(409, f"adapter version {want!r} is not held by this server (holding {[self.base_version, *self.adapters]}, active {self.active!r}); load it with POST /adapters/load first")
+                    raise HTTPError(
+                        409, f"adapter version {want!r} is not held by this server (holding {[self.base_version, *self.adapters]}, active {self.active!r}); load it with POST /adapters/load first"
+                    )
             if sha256 is not None and held_sha != sha256:
                 raise HTTPError(409, f"adapter version {want!r} is held with sha256 {str(held_sha)[:12]}, the request is pinned to {sha256[:12]}; refused (reload the adapter under a new version)")
             with self._device_guard(f"a model call under {want}"), backend.select(name, want) as engine:
@@ -595,7 +611,9 @@ def make_handler(host: ModelHost, token: str | None, limits: ServerLimits):
                 self.close_connection = True
                 return
             level = logging.INFO if path not in OPEN_PATHS else logging.DEBUG
-            log.log(level, "%s %s -> %d (%.3fs)%s", method, path, status, time.perf_counter() - t0, f" [{body.get('adapter_version')}]" if isinstance(body, dict) and body.get("adapter_version") else "")
+            log.log(
+                level, "%s %s -> %d (%.3fs)%s", method, path, status, time.perf_counter() - t0, f" [{body.get('adapter_version')}]" if isinstance(body, dict) and body.get("adapter_version") else ""
+            )
 
         def do_GET(self):
             self._dispatch("GET")
@@ -786,7 +804,16 @@ def backend_factory(args: argparse.Namespace, model_path: str):
     if args.engine == "vllm":
         from srpo_core.engine.vllm import VLLMOptions
 
-        opts = VLLMOptions(dtype=args.dtype or "bfloat16", tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, enforce_eager=args.enforce_eager, seed=args.seed)
+        opts = VLLMOptions(
+            dtype=args.dtype or "bfloat16",
+            tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            max_lora_rank=args.max_lora_rank,
+            max_loras=args.max_loras,
+            enforce_eager=args.enforce_eager,
+            seed=args.seed,
+        )
         return lambda: VLLMBackend(model_path, opts)
     return lambda: HFBackend(model_path, dtype=args.dtype, device=args.device, max_batch_rows=args.max_batch_rows)
 
@@ -812,7 +839,9 @@ def main(argv: list[str] | None = None) -> int:
 
     token = read_token_file(args.token_file) if args.token_file else os.environ.pop(TOKEN_ENV, "") or None
     try:
-        limits = ServerLimits(max_body_bytes=args.max_body_bytes, socket_timeout_s=args.socket_timeout, max_connections=args.max_connections, max_rows=args.max_request_rows, max_request_tokens=args.max_request_tokens)
+        limits = ServerLimits(
+            max_body_bytes=args.max_body_bytes, socket_timeout_s=args.socket_timeout, max_connections=args.max_connections, max_rows=args.max_request_rows, max_request_tokens=args.max_request_tokens
+        )
         source = AdapterSource(args.artifact_root, FetchLimits(max_bytes=args.max_adapter_bytes, max_files=args.max_adapter_files))
         host = ModelHost(backend_factory(args, model_path), model_path, args.engine, args.base_version, args.max_adapters, args.cache_dir, adapter_source=source)
         server = InferenceServer(host, (args.host, args.port), token=token, limits=limits)

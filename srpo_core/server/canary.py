@@ -136,7 +136,9 @@ def canary_check(server_engine, learner, version: str, tol: float | None = None,
             if expected_sha256 is not None:
                 held = {a["version"]: a["sha256"] for a in eng.adapters()["adapters"]}
                 if held.get(version) != expected_sha256:
-                    raise StaleAdapterError(f"weight-sync canary: server {eng.url} holds {version!r} with sha256 {str(held.get(version))[:12]}, the learner's adapter is {expected_sha256[:12]}", version)
+                    raise StaleAdapterError(
+                        f"weight-sync canary: server {eng.url} holds {version!r} with sha256 {str(held.get(version))[:12]}, the learner's adapter is {expected_sha256[:12]}", version
+                    )
             served = eng.teacher_force([prompt_ids], [response_ids], 1.0)[0]
         except AdapterVersionError as exc:
             raise StaleAdapterError(f"weight-sync canary: {exc}", version) from exc

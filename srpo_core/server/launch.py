@@ -123,7 +123,23 @@ def start_server(
     port_file = work / "port"
     port_file.unlink(missing_ok=True)
     log_path = work / "server.log"
-    cmd = [sys.executable, "-m", "srpo_core.server", "--model", str(model_path), "--host", host, "--port", str(port), "--port-file", str(port_file), "--engine", engine, "--cache-dir", str(work / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "srpo_core.server",
+        "--model",
+        str(model_path),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--port-file",
+        str(port_file),
+        "--engine",
+        engine,
+        "--cache-dir",
+        str(work / "cache"),
+    ]
     if dtype:
         cmd += ["--dtype", dtype]
     if device:

@@ -82,7 +82,13 @@ def _dataclass_from(cls, data: Any, what: str):
         if f.name not in data:
             continue
         value, kind = data[f.name], type(f.default)
-        ok = isinstance(value, str) if kind is str else (isinstance(value, int) and not isinstance(value, bool)) if kind is int else (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        ok = (
+            isinstance(value, str)
+            if kind is str
+            else (isinstance(value, int) and not isinstance(value, bool))
+            if kind is int
+            else (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        )
         if not ok:
             raise ProtocolError(f"{what}.{f.name} must be a{'n integer' if kind is int else ' finite number' if kind is float else ' string'}, got {str(value)[:80]!r}")
     try:
