@@ -226,6 +226,7 @@ class SuiteResult:
     step: int
     results: dict[str, EvalResult] = field(default_factory=dict)
     seconds: float = 0.0
+    extra: dict[str, dict[str, float]] = field(default_factory=dict)  # benchmark -> the method's extra_evaluation values
 
     @property
     def accuracies(self) -> dict[str, float]:
@@ -235,6 +236,8 @@ class SuiteResult:
         out: dict[str, float] = {}
         for r in self.results.values():
             out.update(r.metrics())
+        for name, values in self.extra.items():
+            out.update({f"eval/{name}/{k}": v for k, v in values.items()})
         return out
 
     def outcome_rows(self) -> list[dict]:
@@ -320,6 +323,9 @@ def evaluate_suite(
         task = data_order.eval_task(cfg, name)
         items = task.items("test", n, cfg.data.data_seed)
         suite.results[name] = evaluate(engine, task, items, cfg, samples=samples, ks=ks, progress=progress, name=name, long_prompts=long_prompts)
+        extra = cfg.method.spec.extra_evaluation(engine, task, items, cfg)
+        if extra:
+            suite.extra[name] = extra
     suite.seconds = time.perf_counter() - t0
     rows = suite.outcome_rows()
     sub = f"eval/step_{step:06d}"

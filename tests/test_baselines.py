@@ -107,6 +107,21 @@ def test_score_kl_to_the_adapter_disabled_base(tiny_model_path):
 # ---- Critique-GRPO ---------------------------------------------------------------------------
 
 
+def test_score_evaluation_scores_the_second_attempt_as_an_option(tiny_model):
+    """Table 3 scores the first attempt; `method.options.eval_second_attempt` adds the second to
+    the comparison's evaluation (eval/<benchmark>/second_attempt_accuracy), off by default."""
+    from srpo_core.engine.hf import HFEngine
+    from srpo_core.evaluate import evaluate_suite
+
+    engine = HFEngine(*tiny_model)
+    off = evaluate_suite(engine, _cfg("score", "clip"), ["synthetic"], 0, items_per_benchmark=8, progress=False, log_to_mlflow=False)
+    assert off.extra == {} and "eval/synthetic/second_attempt_accuracy" not in off.metrics()
+    on = evaluate_suite(engine, _cfg("score", "clip", **{"method.options": {"eval_second_attempt": True}}), ["synthetic"], 0, items_per_benchmark=8, progress=False, log_to_mlflow=False)
+    m = on.metrics()
+    assert m["eval/synthetic/first_attempt_accuracy"] == m["eval/synthetic/accuracy"]  # the same greedy first attempt
+    assert 0.0 <= m["eval/synthetic/second_attempt_accuracy"] <= 1.0
+
+
 def test_critique_refinement_choice_buffer_and_mean_advantages():
     """Originals rewards (1,0,1,0,0,1,0,0); refinements (0,1,1,0,...): the first correct (chain 1)
     replaces original 8; A = r - mean of the 8 trained = r - 4/8; 16 generations, 8 trained."""

@@ -82,6 +82,11 @@ class Method:
     def verify_suffix(self, ctx: "PhaseContext", shard: "Shard") -> None:
         """Build the shard's rollout records (`shard.records`, R.Record as dicts)."""
 
+    def extra_evaluation(self, engine, task, items, cfg) -> dict[str, float]:
+        """Evaluation values beyond the greedy accuracy every method gets (logged by the
+        comparison as eval/<benchmark>/<key>); SCoRe's second attempt, for example."""
+        return {}
+
     # ---- learning --------------------------------------------------------------------------------
     def advantages(self, records: list[R.Record]) -> None:
         """Group-normalised advantages over each advantage group (seeds are not trained on)."""

@@ -47,6 +47,7 @@ class ScoreOptions:
     kl_coef: float = 0.01  # KL to the reference subtracted from every reward
     kl_coef_stage1_first: float = 0.1  # the stronger KL on y1 in stage I
     instruction_template: str = ""  # appended after y1 (templates/ or a .txt path); "": score_instruction_v1, tiny_score_instruction_v1 with a tiny_ rollout template
+    eval_second_attempt: bool = False  # evaluations also score the second attempt (eval/<benchmark>/second_attempt_accuracy); table 3 scores the first
 
     def __post_init__(self):
         from srpo_core.config import ConfigError
@@ -100,6 +101,13 @@ class Score(Method):
     losses = ("clip", "pg")
     localizers = ("random",)  # no resets; the value config.py requires of every method (as grpo)
     options_class = ScoreOptions
+
+    def extra_evaluation(self, engine, task, items, cfg) -> dict[str, float]:
+        """With `eval_second_attempt`: the greedy second attempt's accuracy beside the first's."""
+        if not cfg.method.parsed_options.eval_second_attempt:
+            return {}
+        out = second_attempt_accuracy(engine, task, items, cfg)
+        return {"first_attempt_accuracy": out["first"], "second_attempt_accuracy": out["second"]}
 
     def validate(self, m) -> list[tuple[str, str]]:
         return [] if m.rollouts_per_prompt % 2 == 0 else [("method.rollouts_per_prompt", "score samples pairs (y1, y2): must be even")]
