@@ -65,6 +65,7 @@ class Plan:
     next_step: int
     mlflow_run_id: str
     tracking_uri: str
+    lease: str = ""  # the training's lease (store.Lease.to_env): renewed per step, handed to the phases
 
 
 def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Plan:
@@ -83,17 +84,32 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
 
         RemoteEngine(cfg.rollout.server_url).check_ready()  # fails fast, naming the URL
     tid = training_id or identity.training_id(cfg)
-    last = S.resume_point(store, tid)
+    lease = S.acquire_lease(store, tid, S.LeaseHolder.current(**_lease_holder()))  # a second writer is refused here
+    last = S.resume_point(store, tid, lease=lease)
     resumed = last is not None
     if resumed:
         old = S.read_manifest(store, tid, last)
         if old.config_hash != S.config_hash(results_config(cfg.to_dict())):
+            lease.release(store)
             raise ConfigError(f"training {tid!r} was started with another config (hash {old.config_hash}); resume it with the same config and flags (resources, rollout.server_url, train.processes and model.threads may change)")
     tags = identity.tags(cfg, tid)
     run_id = find_mlflow_run(tid, experiment)
     with tracking.start_training_run(experiment, run_name=tid, tags=tags, params=tracking.flatten_config(cfg.to_dict()), run_id=run_id) as run:
         mlflow_run_id = run.run_id
-    return Plan(cfg.to_dict(), tid, store.uri, data_order.n_steps(cfg, items), 0 if last is None else last + 1, mlflow_run_id, uri)
+    return Plan(cfg.to_dict(), tid, store.uri, data_order.n_steps(cfg, items), 0 if last is None else last + 1, mlflow_run_id, uri, lease.to_env())
+
+
+def _lease_holder() -> dict:
+    """The lease holder of this training: the Metaflow runtime (the parent of this task, alive for
+    the whole training) and its run, or this process outside a flow."""
+    try:
+        from metaflow import current
+
+        if current.is_running_flow:
+            return {"pid": os.getppid(), "metaflow_run": f"{current.flow_name}/{current.run_id}"}
+    except ImportError:
+        pass
+    return {}
 
 
 def find_mlflow_run(training_id: str, experiment: str) -> str | None:
@@ -158,6 +174,9 @@ def launch_step(plan: Plan, step: int, show_output: bool = True, argv: list[str]
     ctx = {"training_id": plan.training_id, "step": step, "artifact_root": plan.artifact_root, "parent_step": step - 1 if step > 0 else None, "total_steps": plan.total_steps}
     tags = [f"training_id:{plan.training_id}", f"method:{cfg.method.method}", f"seed:{cfg.train.seed}", f"step:{step}"]
     env = {"SRPO_ARTIFACT_ROOT": plan.artifact_root, "MLFLOW_TRACKING_URI": plan.tracking_uri, "USERNAME": os.environ.get("USERNAME", "srpo"), **kubernetes_env(cfg)}
+    if plan.lease:  # renewed per step; the learner checks it before it commits
+        plan.lease = S.Lease.from_env(plan.lease).renew(S.open_store(plan.artifact_root)).to_env()
+        env[S.LEASE_ENV] = plan.lease
     start = time.perf_counter()
     with inference_server(cfg, plan.artifact_root) as (url, token):
         ctx["server_url"] = url
@@ -271,6 +290,8 @@ def finish(plan: Plan, reports: list[StepReport]) -> dict:
     if rows:
         tracking.log_table({"benchmark": [r[0] for r in rows], "before": [r[1] for r in rows], "after": [r[2] for r in rows], "step": [r[3] for r in rows]}, "accuracy", run_id=plan.mlflow_run_id)
     client.set_terminated(plan.mlflow_run_id, "FINISHED")
+    if plan.lease:
+        S.Lease.from_env(plan.lease).release(S.open_store(plan.artifact_root))
     wall = sum(r.wall_seconds for r in reports)
     overhead = sum(r.wall_seconds - r.phase_seconds for r in reports)
     table = Table(title=f"training {plan.training_id}")

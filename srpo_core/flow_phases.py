@@ -206,10 +206,11 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         (out / ADAPTER_HASH_FILE).write_text(adapter_sha256(out / "adapter") + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
         parent_key = S.step_prefix(ctx.training_id, ctx.parent_step) if ctx.parent_step is not None else None
-        manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=results_config(ctx.config), parent_key=parent_key, data_cursor=data_order.data_cursor(cfg, ctx.step))
+        lease = S.Lease.from_env()  # the training's, from flow_driver.launch_step (fencing)
+        manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=results_config(ctx.config), parent_key=parent_key, data_cursor=data_order.data_cursor(cfg, ctx.step), lease=lease)
         if canary is not None:  # hot-load the new adapter and check the server samples from it
             metrics.update(sync_server(ctx, CanaryReference(**json.loads(canary.read_text())), out / "adapter"))
-        S.set_latest_step(store, ctx.training_id, ctx.step)
+        S.set_latest_step(store, ctx.training_id, ctx.step, lease=lease)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return StepOutcome(ctx.step, S.step_prefix(ctx.training_id, ctx.step), metrics, S.sha256_bytes(manifest.to_json().encode()))
