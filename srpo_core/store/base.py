@@ -169,8 +169,8 @@ def _atomic_write_local(dest: Path, chunks: Iterator[bytes]) -> None:
 
 def fault_point(op: str, key: str) -> None:
     """Fault injection for the fault suite (tests/test_faults.py), off unless `$SRPO_FAULT` is
-    `<action>:<op>:<key glob>` and a write of kind `op` (`put`: an immutable key, `pointer`: a
-    pointer) is about to create a key matching the glob:
+    `<action>:<op>:<key glob>` and a write of kind `op` (`put`: an immutable key; `pointer`: a
+    pointer, matched as `<name>=<value>`) is about to create a key matching the glob:
 
     * `kill`  -- SIGKILL this process's whole process group (the training, like `kill -9`),
     * `pause` -- create `$SRPO_FAULT_DIR/paused` and wait until `$SRPO_FAULT_DIR/go` exists (the

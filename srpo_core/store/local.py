@@ -150,7 +150,7 @@ class LocalStore(Store):
 
     # -- pointers
     def set_pointer(self, name: str, value: str) -> str | None:
-        fault_point("pointer", name)
+        fault_point("pointer", f"{name}={value}")
         data = value.encode("utf-8")
         version_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         _atomic_write_local(self._versions_dir(name) / version_id, iter([data]))

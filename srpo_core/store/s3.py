@@ -297,7 +297,7 @@ class S3Store(Store):
 
     # -- pointers
     def set_pointer(self, name: str, value: str) -> str | None:
-        fault_point("pointer", name)
+        fault_point("pointer", f"{name}={value}")
         key = self.pointer_key(name)
         data = value.encode("utf-8")
         meta = {"sha256": sha256_bytes(data)}
