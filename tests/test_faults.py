@@ -43,13 +43,19 @@ def env_base(tmp_path_factory, tiny_model_path) -> dict:
     return env
 
 
+def run_env_of(env: dict, root: str, extra: dict | None = None) -> dict:
+    """`env` for a run on `root`, with the AWS settings the s3_server fixture put in os.environ."""
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {**env, **aws, "SRPO_ARTIFACT_ROOT": root, **(extra or {})}
+
+
 def driver_cmd(env: dict, tid: str, sets: str = "") -> list[str]:
     return [sys.executable, DRIVER, "--training-id", tid, "--set", f"{QUICK} model.name_or_path={env['FAULT_MODEL']} {sets}".strip()]
 
 
 def drive(env: dict, root: str, tid: str, *, fault: str = "", sets: str = "", extra: dict | None = None) -> subprocess.CompletedProcess:
     """One run of the training (its own process group, as `kill -9` of a training kills)."""
-    run_env = {**env, "SRPO_ARTIFACT_ROOT": root, **(extra or {})}
+    run_env = run_env_of(env, root, extra)
     if fault:
         run_env[S.ENV_FAULT] = fault
     return subprocess.run(driver_cmd(env, tid, sets), env=run_env, cwd=ROOT, capture_output=True, text=True, timeout=EVENT_TIMEOUT_S, start_new_session=True)
@@ -158,12 +164,13 @@ def _server_pid(parent: int) -> int:
 def _paused(env: dict, root: str, tid: str, point: str, fault_dir: Path, sets: str = "", extra: dict | None = None) -> subprocess.Popen:
     """Start a run that pauses at `point` and wait until it is there."""
     fault_dir.mkdir(parents=True, exist_ok=True)
-    run_env = {**env, "SRPO_ARTIFACT_ROOT": root, S.ENV_FAULT: f"pause:{point}", S.ENV_FAULT_DIR: str(fault_dir), **(extra or {})}
+    run_env = {**run_env_of(env, root, extra), S.ENV_FAULT: f"pause:{point}", S.ENV_FAULT_DIR: str(fault_dir)}
     proc = subprocess.Popen(driver_cmd(env, tid, sets), env=run_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + EVENT_TIMEOUT_S
     while not (fault_dir / "paused").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             pytest.fail(f"the run never reached {point}: rc {proc.returncode}\n{err[-3000:]}")
         time.sleep(0.2)
