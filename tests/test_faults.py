@@ -283,3 +283,22 @@ def test_s3_endpoint_stopped_mid_upload(env_base, reference, tmp_path, s3_server
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary(store, "s3t") == reference
     print("fault suite: S3 endpoint stopped mid-upload 1/1 survived")
+
+
+def test_a_second_run_of_one_training_id_is_refused(tmp_path, tiny_model_path, monkeypatch) -> None:
+    """flow_driver.prepare (the flow's `start`) takes the training's lease: a second writer of the
+    same id is refused naming the holder; once the first releases it, a resume may start."""
+    from srpo_core import flow_driver as D
+
+    monkeypatch.setenv("SRPO_ARTIFACT_ROOT", str(tmp_path / "art"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv(S.TAKEOVER_ENV, raising=False)
+    cfg = D.apply_overrides(D.parse_config(Path(D.default_config_path()).read_text()), "", "", "", -1, f"{QUICK} model.name_or_path={tiny_model_path}", 0)
+    first = D.prepare(cfg, "dup")
+    with pytest.raises(S.LeaseHeldError) as err:
+        D.prepare(cfg, "dup")
+    assert socket.gethostname() in str(err.value) and f"pid {os.getpid()}" in str(err.value)
+    store = S.open_store(first.artifact_root)
+    S.Lease.from_env(first.lease).release(store)
+    again = D.prepare(cfg, "dup")
+    assert S.Lease.from_env(again.lease).check(store).generation == 2
