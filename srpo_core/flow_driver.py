@@ -177,6 +177,7 @@ def launch_step(plan: Plan, step: int, show_output: bool = True, argv: list[str]
     if plan.lease:  # renewed per step; the learner checks it before it commits
         plan.lease = S.Lease.from_env(plan.lease).renew(S.open_store(plan.artifact_root)).to_env()
         env[S.LEASE_ENV] = plan.lease
+        options["decospecs"] = [*options.get("decospecs", []), f'environment:vars={{"{S.LEASE_ENV}": "{plan.lease}"}}']  # into pods (Kubernetes) too
     start = time.perf_counter()
     with inference_server(cfg, plan.artifact_root) as (url, token):
         ctx["server_url"] = url

@@ -26,6 +26,7 @@ keys and before writing the manifest, `set_latest_step` before moving `latest`.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -196,7 +197,10 @@ class Lease:
     generation: int
 
     def to_env(self) -> str:
-        return json.dumps({"training_id": self.training_id, "generation": self.generation, "holder": dataclasses.asdict(self.holder)}, sort_keys=True)
+        """A quote- and comma-free string (base64 of JSON), safe in an environment variable and in
+        a Metaflow `--with environment:vars={...}` spec."""
+        raw = json.dumps({"training_id": self.training_id, "generation": self.generation, "holder": dataclasses.asdict(self.holder)}, sort_keys=True)
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
     @classmethod
     def from_env(cls, value: str | None = None) -> Lease | None:
@@ -205,7 +209,7 @@ class Lease:
         if not value:
             return None
         try:
-            raw = json.loads(value)
+            raw = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
             return cls(str(raw["training_id"]), LeaseHolder(**raw["holder"]), int(raw["generation"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"${LEASE_ENV} is not a lease: {exc}") from None
