@@ -44,6 +44,7 @@ class Plan:
     server_pid: int = 0  # its watchdog
     learner_dir: str = ""  # the training's own learner worker (rollout.server_url: auto)
     learner_pid: int = 0  # its watchdog
+    lease: str = ""  # the training's lease (store.Lease.to_env): renewed per step, handed to the phases
 
 
 def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Plan:
@@ -62,18 +63,20 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
 
         RemoteEngine(cfg.rollout.server_url).check_ready()  # fails fast, naming the URL
     tid = training_id or identity.training_id(cfg)
-    last = S.resume_point(store, tid)
+    lease = S.acquire_lease(store, tid, S.LeaseHolder.current(**_lease_holder()))  # a second writer is refused here
+    last = S.resume_point(store, tid, lease=lease)
     resumed = last is not None
     if resumed:
         old = S.read_manifest(store, tid, last)
         if old.config_hash != S.config_hash(results_config(cfg.to_dict())):
+            lease.release(store)
             may_change = "resources, rollout.server_url, train.processes and model.threads may change"
             raise ConfigError(f"training {tid!r} was started with another config (hash {old.config_hash}); resume it with the same config and flags ({may_change})")
     tags = identity.tags(cfg, tid)
     run_id = find_mlflow_run(tid, experiment)
     with tracking.start_training_run(experiment, run_name=tid, tags=tags, params=tracking.flatten_config(cfg.to_dict()), run_id=run_id) as run:
         mlflow_run_id = run.run_id
-    return Plan(cfg.to_dict(), tid, store.uri, data_order.n_steps(cfg, items), 0 if last is None else last + 1, mlflow_run_id, uri, log_path=str(step_log_path(tid)))
+    return Plan(cfg.to_dict(), tid, store.uri, data_order.n_steps(cfg, items), 0 if last is None else last + 1, mlflow_run_id, uri, log_path=str(step_log_path(tid)), lease=lease.to_env())
 
 
 def announce(plan: Plan) -> None:
@@ -87,6 +90,19 @@ def step_log_path(training_id: str) -> Path:
     """Where the epoch-step runs' task logs of a training go: `SRPO_LOG_DIR` (default ./srpo_logs)
     /<training_id>/steps.log, appended on resume."""
     return (Path(os.environ.get("SRPO_LOG_DIR") or "srpo_logs") / training_id / "steps.log").resolve()
+
+
+def _lease_holder() -> dict:
+    """The lease holder of this training: the Metaflow runtime (the parent of this task, alive for
+    the whole training) and its run, or this process outside a flow."""
+    try:
+        from metaflow import current
+
+        if current.is_running_flow:
+            return {"pid": os.getppid(), "metaflow_run": f"{current.flow_name}/{current.run_id}"}
+    except ImportError:
+        pass
+    return {}
 
 
 def find_mlflow_run(training_id: str, experiment: str) -> str | None:
@@ -156,6 +172,10 @@ def launch_step(plan: Plan, step: int, show_output: bool = False, argv: list[str
     start = time.perf_counter()
     if options.get("decospecs") and cfg.rollout.server_url == "auto":  # steps run elsewhere (--with kubernetes): no local services
         cfg = cfg.override(**{"rollout.server_url": ""})
+    if plan.lease:  # renewed per step; the learner checks it before it commits
+        plan.lease = S.Lease.from_env(plan.lease).renew(S.open_store(plan.artifact_root)).to_env()
+        env[S.LEASE_ENV] = plan.lease
+        options["decospecs"] = [*options.get("decospecs", []), f'environment:vars={{"{S.LEASE_ENV}": "{plan.lease}"}}']  # into pods (Kubernetes) too
     with inference_server(cfg, plan) as (url, token):
         ctx["server_url"] = url
         ctx["learner_dir"] = plan.learner_dir if plan.learner_pid and _alive(plan.learner_pid) else ""
@@ -573,6 +593,8 @@ def finish(plan: Plan, reports: list[StepReport]) -> dict:
             run_id=plan.mlflow_run_id,
         )
     client.set_terminated(plan.mlflow_run_id, "FINISHED")
+    if plan.lease:
+        S.Lease.from_env(plan.lease).release(S.open_store(plan.artifact_root))
     print_summary(plan, cfg, rows, reports, Console(width=200))
     return {
         "training_id": plan.training_id, "accuracy": {g.benchmark: {"before": g.before, "after": g.after, "gain": g.gain, "gain_ci95": [g.low, g.high], "items": g.n} for g in rows},

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -187,12 +188,13 @@ def phase_learn(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
     if ctx.learner_dir:
         from srpo_core.learner_client import submit
 
-        return StepOutcome(**submit(ctx.learner_dir, ctx, shard_keys))
+        return StepOutcome(**submit(ctx.learner_dir, ctx, shard_keys, lease=os.environ.get(S.LEASE_ENV, "")))
     return learn_here(ctx, shard_keys)
 
 
-def learn_here(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
-    """`phase_learn` in this process."""
+def learn_here(ctx: StepContext, shard_keys: list[str], lease: str | None = None) -> StepOutcome:
+    """`phase_learn` in this process, fenced by the training's lease (`lease`: its to_env form;
+    default: $SRPO_LEASE, as flow_driver.launch_step hands it to the steps)."""
     from srpo_core.distributed import learn
     from srpo_core.runtime import set_threads
     from srpo_core.server.canary import CanaryReference
@@ -217,10 +219,11 @@ def learn_here(ctx: StepContext, shard_keys: list[str]) -> StepOutcome:
         (out / ADAPTER_HASH_FILE).write_text(adapter_sha256(out / "adapter") + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
         parent_key = S.step_prefix(ctx.training_id, ctx.parent_step) if ctx.parent_step is not None else None
-        manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=results_config(ctx.config), parent_key=parent_key, data_cursor=data_order.data_cursor(cfg, ctx.step))
+        lease = S.Lease.from_env(lease)  # the training's, from flow_driver.launch_step (fencing)
+        manifest = S.save_step(store, ctx.training_id, ctx.step, out, config=results_config(ctx.config), parent_key=parent_key, data_cursor=data_order.data_cursor(cfg, ctx.step), lease=lease)
         if canary is not None:  # hot-load the new adapter and check the server samples from it
             metrics.update(sync_server(ctx, CanaryReference(**json.loads(canary.read_text())), out / "adapter"))
-        S.set_latest_step(store, ctx.training_id, ctx.step)
+        S.set_latest_step(store, ctx.training_id, ctx.step, lease=lease)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return StepOutcome(ctx.step, S.step_prefix(ctx.training_id, ctx.step), metrics, S.sha256_bytes(manifest.to_json().encode()))

@@ -27,6 +27,7 @@ process, empty slots included).
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,6 +386,11 @@ class Learner:
         lora = {k: D.full(v).detach().cpu() for k, v in self.model.named_parameters() if v.requires_grad}
         if self.rank == 0:
             self.model.save_pretrained(str(path), state_dict=lora)
+            config = path / "adapter_config.json"  # peft writes target_modules from a set: in PYTHONHASHSEED's order
+            data = json.loads(config.read_text())
+            if isinstance(data.get("target_modules"), list):  # sorted, so the adapter's hash is the same in every process
+                data["target_modules"] = sorted(data["target_modules"])
+                config.write_text(json.dumps(data, indent=2, sort_keys=True))
         return path
 
     def save_optimizer(self, path: str | Path) -> Path:

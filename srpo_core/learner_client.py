@@ -32,14 +32,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def submit(workdir: str | os.PathLike, ctx, shard_keys: list[str], poll_s: float = 0.1) -> dict:
+def submit(workdir: str | os.PathLike, ctx, shard_keys: list[str], poll_s: float = 0.1, lease: str = "") -> dict:
     """Run the learner phase of epoch step `ctx` (a flow_phases.StepContext) over the shards at
     `shard_keys` in the worker at `workdir`; its StepOutcome as a dict."""
     work = Path(workdir)
     pid = int((work / "pid").read_text())
     rid = uuid.uuid4().hex
     result = work / "results" / f"{rid}.json"
-    write_atomic(work / "requests" / f"{rid}.json", {"ctx": asdict(ctx), "shard_keys": list(shard_keys)})
+    write_atomic(work / "requests" / f"{rid}.json", {"ctx": asdict(ctx), "shard_keys": list(shard_keys), "lease": lease})
     while not result.exists():
         if not _alive(pid):
             raise LearnerWorkerError(f"the learner worker (pid {pid}) is gone; its log: {work / 'worker.log'}")

@@ -37,7 +37,7 @@ def _handle(request: dict) -> dict:
     from srpo_core.flow_phases import StepContext, learn_here
 
     try:
-        return asdict(learn_here(StepContext(**request["ctx"]), request["shard_keys"]))
+        return asdict(learn_here(StepContext(**request["ctx"]), request["shard_keys"], lease=request.get("lease") or ""))
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the inference server may share the GPU between steps

@@ -9,6 +9,7 @@ import pytest
 
 from srpo_core import store as st
 from tests.conftest_servers import free_port
+from tests.test_store import LEASE_CHECKS, run_check
 
 pytestmark = pytest.mark.slow
 
@@ -117,8 +118,15 @@ def test_s3_a_step_attempt_that_died_before_its_manifest_does_not_block_the_reru
     prefix = st.step_prefix("run-1", 3)
     store.put_bytes(f"{prefix}/adapter_config.json", b'{"r": 4}')  # an attempt died mid-upload
     store.put_bytes(f"{prefix}/stale.bin", b"x")  # ... with a file the rerun does not write
-    manifest = st.save_step(store, "run-1", 3, make_adapter(tmp_path / "adapter", b"\x00\x01" * 1000), config={"lr": 1})
+    lease = st.acquire_lease(store, "run-1", st.LeaseHolder.current())  # the rerun holds the training's lease
+    manifest = st.save_step(store, "run-1", 3, make_adapter(tmp_path / "adapter", b"\x00\x01" * 1000), config={"lr": 1}, lease=lease)
     assert store.list(prefix + "/") == sorted([f"{prefix}/{f.path}" for f in manifest.files] + [st.manifest_key("run-1", 3)])
     assert st.load_step(store, "run-1", 3, tmp_path / "restore") == manifest
     with pytest.raises(st.ImmutableKeyError):  # committed: the step's keys are immutable again
         st.save_step(store, "run-1", 3, make_adapter(tmp_path / "other", b"other"), config={"lr": 1})
+
+
+@pytest.mark.parametrize("check", LEASE_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+def test_lease_s3(check, s3: st.S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(st.TAKEOVER_ENV, raising=False)
+    run_check(check, s3, tmp_path, monkeypatch)

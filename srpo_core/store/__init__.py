@@ -29,7 +29,20 @@ Checkpoints
     writes its manifest, :func:`load_step` downloads it and :func:`verify_step` re-hashes it,
     raising :class:`CheckpointIntegrityError` naming each corrupt or missing file -- a broken
     checkpoint is never silently replaced by a fresh start. ``set_latest_step`` refuses to point
-    at a step that has no manifest, so ``latest`` only ever names complete checkpoints.
+    at a step that has no manifest, so ``latest`` only ever names complete checkpoints, and
+    refuses to move it backwards.
+
+Leases (lease.py)
+    One writer per training id: ``acquire_lease`` creates generation g+1 of
+    ``runs/<training_id>/lease/`` (create-if-absent picks one winner), a second live writer is
+    refused naming the holder (host, pid, start, Metaflow run); a dead holder's lease (same host
+    and its pid gone, expired, or ``$SRPO_LEASE_TAKEOVER=1``) is taken over. ``save_step``
+    discards a step's uncommitted keys only under the lease, and checks it again before the
+    manifest; ``set_latest_step`` before moving ``latest``.
+
+Fault injection
+    ``$SRPO_FAULT`` (see ``base.fault_point``) kills or pauses a process when it is about to
+    write a matching key: the fault suite's hook, off by default.
 
 This module must stay light (no torch): it is imported by small Metaflow steps.
 """
@@ -42,6 +55,8 @@ from pathlib import Path
 from srpo_core.store.base import (  # noqa: F401  (the package's public names)
     _TMP_MARK,
     DEFAULT_ROOT_NAME,
+    ENV_FAULT,
+    ENV_FAULT_DIR,
     ENV_GIT_COMMIT,
     ENV_ROOT,
     ENV_S3_ENDPOINT,
@@ -56,6 +71,7 @@ from srpo_core.store.base import (  # noqa: F401  (the package's public names)
     StoredObject,
     StoreError,
     StoreUnreachableError,
+    fault_point,
     sha256_bytes,
     sha256_file,
     validate_key,
@@ -63,6 +79,7 @@ from srpo_core.store.base import (  # noqa: F401  (the package's public names)
 from srpo_core.store.checkpoints import (  # noqa: F401
     CodeVersion,
     FileRecord,
+    LatestRegressionError,
     StepManifest,
     adapter_key,
     code_version,
@@ -82,6 +99,20 @@ from srpo_core.store.checkpoints import (  # noqa: F401
     verify_step,
     work_key,
     write_manifest,
+)
+from srpo_core.store.lease import (  # noqa: F401
+    LEASE_ENV,
+    TAKEOVER_ENV,
+    TTL_ENV,
+    Lease,
+    LeaseHeldError,
+    LeaseHolder,
+    LeaseLostError,
+    LeaseRecord,
+    acquire_lease,
+    current_lease,
+    lease_key,
+    takeover_reason,
 )
 from srpo_core.store.local import LocalStore
 from srpo_core.store.s3 import S3Store

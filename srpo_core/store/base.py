@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import abc
+import fnmatch
 import hashlib
 import os
 import re
+import signal
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +19,8 @@ from pathlib import Path
 ENV_ROOT = "SRPO_ARTIFACT_ROOT"
 ENV_S3_ENDPOINT = "SRPO_S3_ENDPOINT_URL"
 ENV_GIT_COMMIT = "SRPO_GIT_COMMIT"
+ENV_FAULT = "SRPO_FAULT"  # fault injection for tests (see fault_point)
+ENV_FAULT_DIR = "SRPO_FAULT_DIR"
 DEFAULT_ROOT_NAME = "srpo_artifacts"
 
 POINTER_NAMESPACE = "pointers"
@@ -162,6 +167,33 @@ def _atomic_write_local(dest: Path, chunks: Iterator[bytes]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def fault_point(op: str, key: str) -> None:
+    """Fault injection for the fault suite (tests/test_faults.py), off unless `$SRPO_FAULT` is
+    `<action>:<op>:<key glob>` and a write of kind `op` (`put`: an immutable key; `pointer`: a
+    pointer, matched as `<name>=<value>`) is about to create a key matching the glob:
+
+    * `kill`  -- SIGKILL this process's whole process group (the training, like `kill -9`),
+    * `pause` -- create `$SRPO_FAULT_DIR/paused` and wait until `$SRPO_FAULT_DIR/go` exists (the
+      test stops a server meanwhile), then go on with the write.
+    """
+    spec = os.environ.get(ENV_FAULT, "")
+    if not spec:
+        return
+    action, _, rest = spec.partition(":")
+    want_op, _, pattern = rest.partition(":")
+    if want_op != op or not fnmatch.fnmatchcase(key, pattern):
+        return
+    if action == "kill":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    elif action == "pause":
+        folder = Path(os.environ[ENV_FAULT_DIR])
+        (folder / "paused").write_text(f"{os.getpid()} {op} {key}\n")
+        while not (folder / "go").exists():
+            time.sleep(0.1)
+    else:
+        raise ValueError(f"${ENV_FAULT}={spec!r}: the action must be kill or pause")
+
+
 def _iter_file(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         yield from iter(lambda: fh.read(_CHUNK), b"")
@@ -194,6 +226,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_file(self, key: str, path: str | os.PathLike[str]) -> Path:
         """Download ``key`` to local ``path`` atomically; returns the path."""
+
+    def stored_sha256(self, key: str) -> str:
+        """sha256 of what is stored at ``key`` now (backends answer without a download where they can)."""
+        return sha256_bytes(self.get_bytes(key))
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:

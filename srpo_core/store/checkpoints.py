@@ -32,6 +32,7 @@ from srpo_core.store.base import (  # noqa: F401
     sha256_bytes,
     sha256_file,
 )
+from srpo_core.store.lease import Lease
 
 
 @dataclass(frozen=True)
@@ -264,18 +265,41 @@ def save_step(
     config: Mapping[str, Any],
     parent_key: str | None = None,
     data_cursor: Any = None,
+    lease: Lease | None = None,
 ) -> StepManifest:
     """Upload ``local_dir`` as step ``step`` and write its manifest (idempotent on retry). The
     manifest is the commit point: keys under a step that has none were left by an attempt that
-    died while uploading (different timings, or a non-deterministic GPU step), so they are
-    discarded first and a rerun of the step can commit; a committed step's keys never change."""
+    died while uploading (different timings, or a non-deterministic GPU step). They are
+    discarded, so a rerun of the step can commit, only under the training's ``lease`` (checked
+    first): another writer's uploads are never discarded; without a lease such keys are an
+    error. After the upload every stored file is re-hashed against what was uploaded and the
+    lease checked again, then the manifest is written: a manifest only ever describes the files
+    stored under it. A committed step's keys never change."""
     if (Path(local_dir) / MANIFEST_NAME).exists():
         raise ValueError(f"{local_dir}/{MANIFEST_NAME} would clash with the step manifest")
+    if lease is not None and lease.training_id != training_id:
+        raise ValueError(f"the lease of training {lease.training_id!r} cannot commit steps of {training_id!r}")
     prefix = step_prefix(training_id, step)
     if not store.exists(manifest_key(training_id, step)):
-        for key in store.list(prefix + "/"):
-            store.discard(key)
+        uncommitted = store.list(prefix + "/")
+        if uncommitted and lease is None:
+            raise StoreError(
+                f"{store.describe(prefix)} holds {len(uncommitted)} uncommitted keys (e.g. {uncommitted[0]}) from an attempt "
+                "that died before its manifest, or from another writer: only the holder of the training's lease may discard them"
+            )
+        if uncommitted:
+            lease.check(store)  # fenced: never discard while another writer holds the training
+            for key in uncommitted:
+                store.discard(key)
     files = store.put_dir(prefix, local_dir)
+    replaced = [obj.key for obj in files if store.stored_sha256(obj.key) != obj.sha256]
+    if replaced:
+        raise CheckpointIntegrityError(
+            f"another writer replaced {', '.join(replaced)} in {store.describe(prefix)} during this upload; no manifest written",
+            corrupt=replaced,
+        )
+    if lease is not None:
+        lease.check(store)  # fenced: the manifest commits only the holder's files
     return write_manifest(
         store, training_id, step, files, config=config, parent_key=parent_key, data_cursor=data_cursor
     )
@@ -293,12 +317,25 @@ def load_step(store: Store, training_id: str, step: int, local_dir: str | os.Pat
     return verify_files(manifest, local_dir)
 
 
-def set_latest_step(store: Store, training_id: str, step: int) -> str | None:
-    """Point ``runs/{training_id}/latest`` at a step; refuses steps without a manifest."""
+class LatestRegressionError(StoreError):
+    """A move of ``latest`` to a step before the one it names."""
+
+
+def set_latest_step(store: Store, training_id: str, step: int, *, lease: Lease | None = None) -> str | None:
+    """Point ``runs/{training_id}/latest`` at a step. Refuses steps without a manifest and moves
+    backwards (``latest`` only moves forward; the same step again is a no-op move), and, given the
+    training's ``lease``, checks it is still held first."""
     if not store.exists(manifest_key(training_id, step)):
         raise KeyNotFoundError(
             f"refusing to point latest at {store.describe(step_prefix(training_id, step))}: it has no manifest"
         )
+    current = get_latest_step(store, training_id)
+    if current is not None and int(step) < current:
+        raise LatestRegressionError(
+            f"refusing to move latest of training {training_id!r} in {store.describe()} backwards, from step {current} to step {int(step)}"
+        )
+    if lease is not None:
+        lease.check(store)
     return store.set_pointer(latest_pointer_name(training_id), step_prefix(training_id, step))
 
 
@@ -335,12 +372,12 @@ def adapter_key(training_id: str, step: int) -> str:
     return f"{step_prefix(training_id, step)}/adapter"
 
 
-def resume_point(store: Store, training_id: str) -> int | None:
+def resume_point(store: Store, training_id: str, *, lease: Lease | None = None) -> int | None:
     """The last finished epoch step of a training (None: none yet). A step whose checkpoint is
-    complete but whose `latest` move was interrupted is adopted."""
+    complete but whose `latest` move was interrupted is adopted (under `lease`, when given)."""
     latest = get_latest_step(store, training_id)
     nxt = 0 if latest is None else latest + 1
     if store.exists(manifest_key(training_id, nxt)):
-        set_latest_step(store, training_id, nxt)
+        set_latest_step(store, training_id, nxt, lease=lease)
         return nxt
     return latest

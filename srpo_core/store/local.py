@@ -25,6 +25,7 @@ from srpo_core.store.base import (  # noqa: F401
     _local_files,
     _validate_data_key,
     _validate_prefix,
+    fault_point,
     sha256_bytes,
     sha256_file,
     validate_key,
@@ -52,10 +53,12 @@ class LocalStore(Store):
     # -- immutable writes
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         _validate_data_key(key)
+        fault_point("put", key)
         return self._put(key, sha256_bytes(data), len(data), lambda: iter([data]))
 
     def put_file(self, key: str, path: str | os.PathLike[str]) -> StoredObject:
         _validate_data_key(key)
+        fault_point("put", key)
         sha, size = sha256_file(path)
         return self._put(key, sha, size, lambda: _iter_file(Path(path)))
 
@@ -117,6 +120,12 @@ class LocalStore(Store):
         validate_key(key)
         return self._path(key).is_file()
 
+    def stored_sha256(self, key: str) -> str:
+        validate_key(key)
+        if not self._path(key).is_file():
+            raise KeyNotFoundError(f"key not found: {self.describe(key)}")
+        return sha256_file(self._path(key))[0]
+
     def discard(self, key: str) -> None:
         validate_key(key)
         self._path(key).unlink(missing_ok=True)
@@ -141,6 +150,7 @@ class LocalStore(Store):
 
     # -- pointers
     def set_pointer(self, name: str, value: str) -> str | None:
+        fault_point("pointer", f"{name}={value}")
         data = value.encode("utf-8")
         version_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         _atomic_write_local(self._versions_dir(name) / version_id, iter([data]))

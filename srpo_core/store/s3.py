@@ -28,6 +28,7 @@ from srpo_core.store.base import (  # noqa: F401
     _local_files,
     _validate_data_key,
     _validate_prefix,
+    fault_point,
     sha256_bytes,
     sha256_file,
     validate_key,
@@ -158,11 +159,13 @@ class S3Store(Store):
     # -- immutable writes
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         _validate_data_key(key)
+        fault_point("put", key)
         sha = sha256_bytes(data)
         return self._put(key, sha, len(data), lambda cond: self._put_object(key, io.BytesIO(data), sha, cond))
 
     def put_file(self, key: str, path: str | os.PathLike[str]) -> StoredObject:
         _validate_data_key(key)
+        fault_point("put", key)
         sha, size = sha256_file(path)
         if size > self.multipart_threshold:
             upload = lambda cond: self._multipart_upload(key, Path(path), sha, cond)  # noqa: E731
@@ -236,6 +239,10 @@ class S3Store(Store):
             digest.update(chunk)
         return digest.hexdigest()
 
+    def stored_sha256(self, key: str) -> str:
+        validate_key(key)
+        return self._stored_sha(key)
+
     def _check_same(self, key: str, sha: str) -> None:
         existing = self._stored_sha(key)
         if existing != sha:
@@ -290,6 +297,7 @@ class S3Store(Store):
 
     # -- pointers
     def set_pointer(self, name: str, value: str) -> str | None:
+        fault_point("pointer", f"{name}={value}")
         key = self.pointer_key(name)
         data = value.encode("utf-8")
         meta = {"sha256": sha256_bytes(data)}
