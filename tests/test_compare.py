@@ -138,7 +138,7 @@ def comparison(mlflow_server, tiny_model_path, tmp_path_factory):
     parser = argparse.ArgumentParser()
     C.register(parser.add_subparsers())
     args = parser.parse_args([
-        "compare", "--config", "tiny", "--seeds", *map(str, SEEDS), "--steps", str(STEPS),
+        "compare", "--config", "tiny", "--methods", "grpo", "rrpo", "srpo", "--seeds", *map(str, SEEDS), "--steps", str(STEPS),
         "--benchmarks", "commonsenseqa:12", "--eval-every", "1",
         "--set", f"model.name_or_path={tiny_model_path}", "train.prompts_per_step=8", "train.mini_batch_prompts=8",
         "data.train_size=16", "eval.items_per_benchmark=30",
