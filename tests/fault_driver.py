@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         plan.lease = S.Lease.from_env(plan.lease).renew(store).to_env()
         os.environ[S.LEASE_ENV] = plan.lease
-        with D.inference_server(cfg, plan.artifact_root) as (url, token):
+        with D.inference_server(cfg, plan) as (url, token):
             if token:
                 os.environ["SRPO_SERVER_TOKEN"] = token
             ctx = P.StepContext(plan.config, plan.training_id, step, f"drv-{uuid.uuid4().hex[:12]}", plan.artifact_root, step - 1 if step else None, url)
