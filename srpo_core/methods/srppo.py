@@ -109,9 +109,10 @@ def sequence_from_dict(d: dict):
     from srpo_core.learner import TrainSequence
 
     tokens = tuple(d["token_advantages"]) if d.get("token_advantages") is not None else None
+    d = {**d, "token_advantages": tokens, "loss_kwargs": tuple(tuple(kv) for kv in d.get("loss_kwargs", ()))}  # JSON lists back to tuples
     if all(f in d for f in CREDIT_FIELDS):
-        return credit_sequence_class()(**{**d, "spans": tuple(tuple(sp) for sp in d["spans"]), "token_advantages": tokens})
-    return TrainSequence(**{**d, "token_advantages": tokens})
+        return credit_sequence_class()(**{**d, "spans": tuple(tuple(sp) for sp in d["spans"])})
+    return TrainSequence(**d)
 
 
 class SRPPO(Method):

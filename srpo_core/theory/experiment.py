@@ -357,6 +357,8 @@ def log_to_mlflow(summary: dict, out: Path, run_name: str) -> bool:
         return False
     import mlflow
 
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # this URI, whatever an earlier caller in this process set
+    mlflow.set_experiment("srpo-theory")
     with mlflow.start_run(run_name=run_name):
         mlflow.log_params({k: (list(v) if isinstance(v, tuple) else v) for k, v in summary["params"].items()})
         metrics = {}
