@@ -32,7 +32,7 @@ class CompareFlow(FlowSpec):
     """
 
     config = Config("config", default=default_config_path, parser=parse_config)
-    methods = Parameter("methods", default="grpo,rrpo,srpo", help="comma-separated methods")
+    methods = Parameter("methods", default="", help="comma-separated methods (default: every registered method, as srpo compare)")
     seeds = Parameter("seeds", default="0,42,420", help="comma-separated training seeds")
     splits = Parameter("splits", default="", help="comma-separated splits for rrpo/srpo (default: the config's)")
     localizers = Parameter("localizers", default="", help="comma-separated srpo localizers (default: the config's, else self)")
@@ -50,11 +50,12 @@ class CompareFlow(FlowSpec):
         from dataclasses import asdict
 
         from srpo_core import compare, tracking
+        from srpo_core.config import METHODS
         from srpo_core.flow_driver import apply_overrides
 
         cfg = apply_overrides(self.config.to_dict(), "", "", "", -1, self.overrides, 0)
         plan = compare.plan_comparison(
-            cfg, methods=_list(self.methods), splits=_list(self.splits) or None, localizers=_list(self.localizers) or None,
+            cfg, methods=_list(self.methods) or list(METHODS), splits=_list(self.splits) or None, localizers=_list(self.localizers) or None,
             seeds=[int(s) for s in _list(self.seeds)], steps=self.steps or None, benchmarks=_list(self.benchmarks),
             eval_items=self.eval_items or None, eval_every=None if self.eval_every < 0 else self.eval_every,
             out_dir=self.out, progress=False, comparison_id=f"cmp-mf{current.run_id}",

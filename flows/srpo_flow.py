@@ -34,7 +34,7 @@ class SRPOFlow(FlowSpec):
     """
 
     config = Config("config", default=default_config_path, parser=parse_config)
-    method = Parameter("method", default="", help="grpo | rrpo | srpo (default: the config's)")
+    method = Parameter("method", default="", help="a registered method: grpo, rrpo, srpo, score, critique_grpo, spo_tree, srppo (default: the config's)")
     split = Parameter("split", default="", help="1x4 | 2x4 | 1x8")
     localizer = Parameter("localizer", default="", help="random | self | oracle | divergence")
     seed = Parameter("seed", default=-1, type=int, help="training seed (default: the config's)")
