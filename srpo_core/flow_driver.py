@@ -20,6 +20,7 @@ from srpo_core import data_order, identity
 from srpo_core import store as S
 from srpo_core.config import Config, ConfigError, from_dict, results_config
 from srpo_core.flow_config import DEFAULT_RESOURCES, PHASES, default_config_path, parse_config  # noqa: F401  (re-exported)
+from srpo_core.watchdog import alive
 
 STEP_FLOW = Path(__file__).resolve().parent.parent / "flows" / "srpo_step_flow.py"
 
@@ -178,7 +179,7 @@ def launch_step(plan: Plan, step: int, show_output: bool = False, argv: list[str
         options["decospecs"] = [*options.get("decospecs", []), f'environment:vars={{"{S.LEASE_ENV}": "{plan.lease}"}}']  # into pods (Kubernetes) too
     with inference_server(cfg, plan) as (url, token):
         ctx["server_url"] = url
-        ctx["learner_dir"] = plan.learner_dir if plan.learner_pid and _alive(plan.learner_pid) else ""
+        ctx["learner_dir"] = plan.learner_dir if plan.learner_pid and alive(plan.learner_pid) else ""
         # the token reaches the phase steps by environment only: never a parameter or an artifact
         if token:
             env["SRPO_SERVER_TOKEN"] = token
@@ -266,27 +267,17 @@ def watchdog_prefix(watch_pid: int) -> list[str]:
     return [sys.executable, "-m", "srpo_core.watchdog", "--watch-pid", str(watch_pid), "--"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop(pid: int, grace_s: float) -> None:
     """SIGTERM a watchdog (it forwards it), SIGKILL its process group if it lingers."""
     import signal
 
-    if not pid or not _alive(pid):
+    if not pid or not alive(pid):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         time.sleep(0.2)
-    if _alive(pid):
+    if alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

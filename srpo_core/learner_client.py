@@ -11,6 +11,8 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+from srpo_core.watchdog import alive
+
 
 class LearnerWorkerError(RuntimeError):
     """The worker failed a request (its traceback is in the message) or is gone."""
@@ -22,16 +24,6 @@ def write_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def submit(workdir: str | os.PathLike, ctx, shard_keys: list[str], poll_s: float = 0.1, lease: str = "") -> dict:
     """Run the learner phase of epoch step `ctx` (a flow_phases.StepContext) over the shards at
     `shard_keys` in the worker at `workdir`; its StepOutcome as a dict."""
@@ -41,7 +33,7 @@ def submit(workdir: str | os.PathLike, ctx, shard_keys: list[str], poll_s: float
     result = work / "results" / f"{rid}.json"
     write_atomic(work / "requests" / f"{rid}.json", {"ctx": asdict(ctx), "shard_keys": list(shard_keys), "lease": lease})
     while not result.exists():
-        if not _alive(pid):
+        if not alive(pid):
             raise LearnerWorkerError(f"the learner worker (pid {pid}) is gone; its log: {work / 'worker.log'}")
         time.sleep(poll_s)
     answer = json.loads(result.read_text())

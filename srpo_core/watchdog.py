@@ -20,6 +20,7 @@ import time
 
 
 def alive(pid: int) -> bool:
+    """Whether process `pid` exists (the one liveness check of the training's services)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

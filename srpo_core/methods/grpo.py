@@ -12,6 +12,23 @@ from srpo_core.methods import register
 from srpo_core.methods.base import Method, records_to_shard
 
 
+def sample_iid(ctx, shard, n: int) -> None:
+    """Sample up to `n` iid chains from each prompt of the shard (unscored, in `shard.pending`)."""
+    shard.pending = R.sample(ctx.policy, shard.states, [n - s.attempts for s in shard.states], ctx.limits, R.round_sampling(ctx.sampling("generate"), 0))
+    shard.rounds = 1
+
+
+def verify_iid(ctx, shard) -> None:
+    """Score the pending chains into each prompt's group (a chain with no thought gets reward 0)."""
+    for state, rollouts in zip(shard.states, shard.pending):
+        for att in R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished):
+            state.attempts += 1
+            if not att.rollout.spans:
+                att.reward = 0.0
+            state.base.append(att)
+    shard.pending = []
+
+
 class GRPO(Method):
     name = "grpo"
     description = "8 iid rollouts, one group"
@@ -23,19 +40,10 @@ class GRPO(Method):
         return [] if m.rollouts_per_prompt > 1 else [("method.rollouts_per_prompt", "must be > 1 (a group of one has no advantage)")]
 
     def generate(self, ctx, shard) -> None:
-        m = ctx.cfg.method
-        counts = [m.rollouts_per_prompt - s.attempts for s in shard.states]
-        shard.pending = R.sample(ctx.policy, shard.states, counts, ctx.limits, R.round_sampling(ctx.sampling("generate"), 0))
-        shard.rounds = 1
+        sample_iid(ctx, shard, ctx.cfg.method.rollouts_per_prompt)
 
     def verify(self, ctx, shard) -> None:
-        for state, rollouts in zip(shard.states, shard.pending):
-            for att in R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished):
-                state.attempts += 1
-                if not att.rollout.spans:
-                    att.reward = 0.0
-                state.base.append(att)
-        shard.pending = []
+        verify_iid(ctx, shard)
 
     def verify_suffix(self, ctx, shard) -> None:
         records = [R.Record(a.rollout, s.item, "base", f"{ctx.step}:{s.item.id}:base", a.reward) for s in shard.states for a in s.base]

@@ -34,6 +34,7 @@ from pathlib import Path
 from srpo_core import rollouts as R
 from srpo_core.methods import register
 from srpo_core.methods.base import Method, records_to_shard
+from srpo_core.methods.grpo import sample_iid, verify_iid
 
 CRITICS = ("learned", "reachability", "exact")
 GRANULARITIES = ("token", "thought")
@@ -127,18 +128,10 @@ class SRPPO(Method):
         return "SR-PPO"
 
     def generate(self, ctx, shard) -> None:
-        n = self.options(ctx.cfg.method).rollouts
-        shard.pending = R.sample(ctx.policy, shard.states, [n - s.attempts for s in shard.states], ctx.limits, R.round_sampling(ctx.sampling("generate"), 0))
-        shard.rounds = 1
+        sample_iid(ctx, shard, self.options(ctx.cfg.method).rollouts)
 
     def verify(self, ctx, shard) -> None:
-        for state, rollouts in zip(shard.states, shard.pending):
-            for att in R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished):
-                state.attempts += 1
-                if not att.rollout.spans:
-                    att.reward = 0.0
-                state.base.append(att)
-        shard.pending = []
+        verify_iid(ctx, shard)
 
     def verify_suffix(self, ctx, shard) -> None:
         task = ctx.task
