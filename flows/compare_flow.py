@@ -40,6 +40,9 @@ class CompareFlow(FlowSpec):
     benchmarks = Parameter("benchmarks", default="", help="extra benchmarks besides eval.benchmarks, NAME or NAME:N (N items)")
     eval_items = Parameter("eval-items", default=0, type=int, help="items per benchmark (0: the config's)")
     eval_every = Parameter("eval-every", default=-1, type=int, help="evaluate every K steps (-1: the config's)")
+    samples = Parameter("samples", default=1, type=int, help="samples per item for pass@k (1: greedy accuracy only)")
+    pass_k = Parameter("pass-k", default="", help="comma-separated k of pass@k (default with samples n > 1: 1, 2, 4, ... up to n, and n)")
+    budget = Parameter("budget", default="equal", help="rollouts per step: equal (every method the config's method's) or config (as configured)")
     overrides = Parameter("set", default="", help="space-separated key=value config overrides")
     out = Parameter("out", default="runs/compare", help="output directory of the tables (on the join's machine)")
     experiment = Parameter("experiment", default="srpo-compare", help="MLflow experiment")
@@ -59,12 +62,14 @@ class CompareFlow(FlowSpec):
             seeds=[int(s) for s in _list(self.seeds)], steps=self.steps or None, benchmarks=_list(self.benchmarks),
             eval_items=self.eval_items or None, eval_every=None if self.eval_every < 0 else self.eval_every,
             out_dir=self.out, progress=False, comparison_id=f"cmp-mf{current.run_id}",
+            samples=self.samples, ks=[int(k) for k in _list(self.pass_k)], budget=self.budget,
         )  # fmt: skip
         if not self.no_mlflow:
             plan = compare.open_parent_run(plan, self.experiment, tracking.resolve_tracking_uri())
         self.plan = asdict(plan)
         self.specs = self.plan["specs"]
         print(f"comparison {plan.comparison_id}: {len(self.specs)} trainings ({', '.join(plan.labels)}), benchmarks {', '.join(plan.benchmarks)}")
+        print("\n".join(plan.budget_lines()))
         self.next(self.train, foreach="specs")
 
     @resources(cpu=config.resources.learner.cpu, gpu=config.resources.learner.gpu, memory=config.resources.learner.memory)
@@ -84,12 +89,14 @@ class CompareFlow(FlowSpec):
         out = finish_comparison(self.plan, self.results)
         self.results_md = out.results_md.read_text()
         self.efficiency_md = out.efficiency_md.read_text()
+        self.passk_md = out.passk_md.read_text() if out.passk_md else ""
         self.next(self.end)
 
     @step
     def end(self):
         print(self.results_md)
         print(self.efficiency_md)
+        print(self.passk_md)
         print(f"files in {self.plan['out_dir']}; MLflow parent run {self.plan['parent_run_id']}")
 
 

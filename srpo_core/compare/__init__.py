@@ -25,16 +25,34 @@ What it writes (``--out DIR``)
         evaluations of the training), ``total_h = train_h + val_h``, ``tokens`` (tokens sampled in
         training steps: rollouts, dropped seed-search rollouts, localization), ``resp_mean``
         (mean response length over all rollouts, reset prefix included), ``gen_tok_s`` (tokens /
-        gen time); then each divided by GRPO's (GRPO = 1.00).
+        gen time), ``rollouts`` (chains sampled in training steps, as consumed: every rollout record
+        but SPO-Tree's segments, plus chains dropped by the seed search); then each divided by
+        GRPO's (GRPO = 1.00).
     ``learning_curves.png``   accuracy vs training step per benchmark, mean ± SD band per method.
-    ``runs.jsonl`` (one line per training) and ``trainings/<training_id>/`` (config, per-step
-    metrics and rollout records, evaluation outcomes, LoRA adapter).
+    ``accuracy_vs_rollouts.png``   the same against the rollouts consumed up to each evaluation.
+    ``passk.md`` / ``passk.csv`` / ``passk_curves.png``   with ``--samples n`` > 1: pass@k of the
+        final evaluation (and of the step-0 ``Base``) per method, benchmark and k (``--pass-k``,
+        default powers of two up to n), mean over seeds with a 95% interval: the t interval over
+        seeds, or with one seed (and for Base) the Wilson interval over the items (report.py,
+        ``passk_interval``); the figure plots pass@k against k on a log2 axis, one panel per
+        benchmark.
+    ``runs.jsonl`` (one line per training, with its ``rollouts_per_step`` budget and
+    ``rollouts_consumed``) and ``trainings/<training_id>/`` (config, per-step metrics and rollout
+    records, evaluation outcomes, LoRA adapter).
+
+Rollout budget (``--budget``)
+    ``equal`` (default): every method samples the rollouts per step of the config's own method
+    (prompts x ``Method.rollouts_per_prompt``); a method with fewer rollouts per prompt gets more
+    prompts per step (srppo, 1 rollout, 8x grpo's prompts), its mini-batch and training set
+    scaled alike so that the steps stay the same (plan.py). ``config``: each method as configured.
+    The budgets are printed at plan time.
 
 MLflow
     One parent run (experiment ``--experiment``, tag ``comparison_id``) holding the tables, the
     PNG and ``runs.jsonl`` as artifacts, and one nested child run per training (tag
     ``mlflow.parentRunId``) tagged ``method``, ``split``, ``localizer``, ``seed``,
-    ``training_id``, ``comparison_id``, with the config as params, the per-step training metrics
+    ``training_id``, ``comparison_id``, with the config and ``rollouts_per_step`` /
+    ``rollouts_per_prompt`` as params, the per-step training metrics
     and ``eval/<benchmark>/accuracy`` (``/pass_at_<k>``, ``/n``, ...) at the training step (0 = before
     training, s = after s updates). Select the children in the UI and press Compare.
 """
@@ -44,21 +62,37 @@ from __future__ import annotations
 import argparse
 import time
 
-from srpo_core.compare.plan import PAPER_SEEDS, ComparisonPlan, RunSpec, make_variants, plan_comparison, total_steps_of, variant_labels  # noqa: F401
+from srpo_core.compare.plan import (  # noqa: F401
+    BUDGETS,
+    PAPER_SEEDS,
+    ComparisonPlan,
+    RunSpec,
+    default_ks,
+    equal_budget,
+    make_variants,
+    plan_comparison,
+    rollouts_per_step,
+    total_steps_of,
+    variant_labels,
+)
 from srpo_core.compare.report import (  # noqa: F401
     EFFICIENCY_COLUMNS,
     ComparisonOutput,
     EfficiencyTable,
+    PassKTable,
     ResultsTable,
     efficiency_table,
     finish_comparison,
     mean_sd,
     open_parent_run,
+    passk_interval,
+    passk_table,
     plot_learning_curves,
+    plot_passk_curves,
     results_table,
     short_name,
 )
-from srpo_core.compare.run import TrainingResult, run_training  # noqa: F401
+from srpo_core.compare.run import TrainingResult, consumed_rollouts, run_training  # noqa: F401
 from srpo_core.config import LOCALIZERS, METHODS, SPLITS
 from srpo_core.identity import eval_steps as eval_schedule  # noqa: F401
 from srpo_core.methods.base import Variant  # noqa: F401
@@ -103,7 +137,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-items", type=int, help="items per benchmark without :N (default: eval.items_per_benchmark)")
     p.add_argument("--eval-every", type=int, help="evaluate every K steps too (default: eval.every_steps; 0: before and after)")
     p.add_argument("--samples", type=int, default=1, help="samples per item for pass@k (default 1: greedy accuracy only)")
-    p.add_argument("--pass-k", type=int, nargs="*", default=[], help="k values of pass@k (each <= --samples)")
+    p.add_argument("--pass-k", type=int, nargs="*", default=[], help="k values of pass@k (each <= --samples; default with --samples n > 1: 1, 2, 4, ... up to n, and n)")
+    p.add_argument("--budget", choices=BUDGETS, default="equal", help="rollouts per step: equal (default: the config's method's for every method; fewer per prompt -> more prompts) or config")
     p.add_argument("--long-prompts", choices=("truncate", "skip", "error"), default="truncate", help="prompts over rollout.max_prompt_tokens (default: truncate, counted)")
     p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", help="override dotted config keys (several per flag, or repeat the flag)")
     p.add_argument("--out", default="runs/compare", help="output directory")
@@ -124,8 +159,8 @@ def _main(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     bad_k = [k for k in args.pass_k if k < 1 or k > args.samples]
-    if bad_k:
-        raise SystemExit(f"--pass-k {bad_k}: each k must be in 1..--samples ({args.samples})")
+    if bad_k or args.samples < 1:
+        raise SystemExit(f"--pass-k {bad_k}: each k must be in 1..--samples ({args.samples})" if bad_k else f"--samples {args.samples}: must be >= 1")
     cfg = load_config(args.config, parse_overrides(args.set or []))
     plan = plan_comparison(
         cfg,
@@ -142,19 +177,25 @@ def _main(args: argparse.Namespace) -> int:
         samples=args.samples,
         ks=args.pass_k,
         progress=not args.quiet,
+        budget=args.budget,
     )
     if not args.no_mlflow:
         plan = open_parent_run(plan, args.experiment, tracking.resolve_tracking_uri(args.tracking_uri))
     print(
         f"comparison {plan.comparison_id}: {len(plan.specs)} trainings ({', '.join(plan.labels)} x seeds {' '.join(map(str, args.seeds))}), "
         f"{plan.specs[0].steps if plan.specs else 0} steps each, benchmarks {', '.join(plan.benchmarks)}"
+        + (f", pass@k for k = {' '.join(map(str, plan.specs[0].ks))} of {args.samples} samples" if plan.specs and plan.specs[0].ks else "")
     )
+    print("\n".join(plan.budget_lines()))
     t0 = time.perf_counter()
     _, out = run_comparison(plan, progress=not args.quiet)
     print()
     print(out.results_md.read_text())
     print(out.efficiency_md.read_text())
-    print(f"wall time {time.perf_counter() - t0:.0f}s; files in {args.out}: results.md/.csv, efficiency.md/.csv, learning_curves.png, runs.jsonl")
+    if out.passk_md is not None:
+        print(out.passk_md.read_text())
+    files = "results.md/.csv, efficiency.md/.csv, learning_curves.png, accuracy_vs_rollouts.png" + (", passk.md/.csv, passk_curves.png" if out.passk_md else "") + ", runs.jsonl"
+    print(f"wall time {time.perf_counter() - t0:.0f}s; files in {args.out}: {files}")
     if plan.parent_run_id:
         print(f"MLflow: {plan.tracking_uri} experiment {args.experiment!r}, parent run {plan.parent_run_id} (children tagged comparison_id={plan.comparison_id})")
     return 0

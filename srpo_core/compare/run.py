@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from srpo_core import identity
@@ -33,8 +33,14 @@ class TrainingResult:
     val_s: float = 0.0
     tokens: float = 0.0
     resp_tokens: float = 0.0
-    rollouts: int = 0
+    rollouts: int = 0  # rollout records (the mean response length's denominator)
     wall_s: float = 0.0
+    base_pass_at: dict[str, dict[str, float]] = field(default_factory=dict)  # benchmark -> {"k": value} (step-0 evaluation)
+    rollouts_consumed: int = 0  # chains sampled in training steps (:func:`consumed_rollouts`)
+    rollouts_at: list[list[int]] = field(default_factory=list)  # [[step, rollouts consumed up to it], ...] at each evaluation
+    prompts_per_step: int = 0  # the plan's budget: prompts x rollouts per prompt = rollouts per step
+    rollouts_per_prompt: int = 0
+    rollouts_per_step: int = 0
 
     @property
     def final(self) -> dict[str, float]:
@@ -53,7 +59,7 @@ class TrainingResult:
         return {
             "train_h": self.train_s / h, "gen_h": self.gen_s / h, "val_h": self.val_s / h,
             "total_h": (self.train_s + self.val_s) / h, "tokens": self.tokens, "resp_mean": self.resp_mean,
-            "gen_tok_s": self.tokens / self.gen_s if self.gen_s > 0 else float("nan"),
+            "gen_tok_s": self.tokens / self.gen_s if self.gen_s > 0 else float("nan"), "rollouts": float(self.rollouts_consumed),
         }  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -73,17 +79,28 @@ def _start_child(spec: RunSpec, cfg: Config) -> str:
     if spec.parent_run_id:
         tags["mlflow.parentRunId"] = spec.parent_run_id
     run = client.create_run(spec.experiment_id, run_name=f"{spec.label} seed {spec.seed}", tags=tags)
-    tracking.log_params(client, run.info.run_id, tracking.flatten_config(cfg.to_dict()))
+    budget = {"rollouts_per_step": str(spec.rollouts_per_step), "rollouts_per_prompt": str(spec.rollouts_per_prompt)}
+    tracking.log_params(client, run.info.run_id, tracking.flatten_config(cfg.to_dict()) | budget)
     return run.info.run_id
 
 
 def add_evaluation(result: TrainingResult, step: int, suite) -> None:
     """Fold one evaluation (evaluate.SuiteResult after `step` updates) into the result."""
     result.val_s += suite.seconds
+    result.rollouts_at.append([step, result.rollouts_consumed])
     for b, r in suite.results.items():
         result.curves[b].append([step, r.accuracy])
         result.n[b] = r.n
         result.pass_at[b] = {str(k): v for k, v in r.pass_at.items()}
+        if step == 0:
+            result.base_pass_at[b] = dict(result.pass_at[b])
+
+
+def consumed_rollouts(records, metrics: dict[str, float]) -> int:
+    """Chains the policy sampled in one training step: every rollout record (trained ones, seeds,
+    suffixes, refinements, SCoRe's second attempts) but SPO-Tree's segments (partial chains, each
+    continued in its leaves, which are counted), plus the chains the seed search dropped."""
+    return sum(1 for r in records if r.role != "segment") + int(metrics.get("rollouts/dropped/count", 0))
 
 
 def add_step(result: TrainingResult, step_result) -> dict[str, float]:
@@ -96,6 +113,9 @@ def add_step(result: TrainingResult, step_result) -> dict[str, float]:
     result.tokens += m.get("tokens/generated", 0.0) + m.get("tokens/localization", 0.0)
     result.resp_tokens += sum(lengths)
     result.rollouts += len(lengths)
+    consumed = consumed_rollouts(step_result.records, m)
+    result.rollouts_consumed += consumed
+    m["rollouts/consumed"] = float(consumed)
     m["response/mean_tokens"] = _mean(lengths)
     return m
 
@@ -119,6 +139,7 @@ def run_training(spec: RunSpec | dict) -> TrainingResult:
     run_id = _start_child(spec, cfg) if spec.tracking_uri else None
     client = tracking.client(spec.tracking_uri) if run_id else None
     result = TrainingResult(spec.training_id, spec.label, spec.method, spec.split, spec.localizer, spec.seed, spec.steps, run_id, {b: [] for b in spec.benchmarks}, {}, {})
+    result.prompts_per_step, result.rollouts_per_prompt, result.rollouts_per_step = cfg.train.prompts_per_step, spec.rollouts_per_prompt, spec.rollouts_per_step
     status = "FAILED"
     session = None
     try:

@@ -70,6 +70,15 @@ class Method:
     def label(self, variant: Variant, several_splits: bool, several_localizers: bool) -> str:
         return variant.method.upper()
 
+    def rollouts_per_prompt(self, cfg) -> int:
+        """The rollouts per prompt and step that this method's config asks for: its share of the
+        rollout budget in an equal-budget comparison (`srpo compare --budget equal`, which scales
+        `train.prompts_per_step` so that prompts x this number is the same for every method).
+        Default `method.rollouts_per_prompt`: GRPO's group, the reset splits' budget of 8 (base
+        group + suffixes), SCoRe's attempts (pairs x 2), SPO-Tree's leaves, Critique-GRPO's G
+        trained chains (its G refinements, of which one per prompt is trained, are not counted)."""
+        return cfg.method.rollouts_per_prompt
+
     # ---- the step's phases -----------------------------------------------------------------------
     def generate(self, ctx: "PhaseContext", shard: "Shard") -> None: ...
 

@@ -21,7 +21,8 @@ Choices (stated here and in the README):
     default "clip"; loss.clip_eps / loss.dual_clip apply), whatever `loss.loss` says (it serves
     the other methods); credits go to the learner as T_i * c_t so that the loss is -sum_t c_t rho_t;
   - `advantage` of a record is its credit sum, R - P_k(prompt), once the update ran;
-  - an equal rollout budget against grpo means 8x the prompts per step (presets/srppo.yaml).
+  - an equal rollout budget against grpo means 8x the prompts per step (presets/srppo.yaml;
+    `srpo compare` scales them itself from `rollouts_per_prompt`, compare/plan.py).
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ class SRPPO(Method):
 
     def label(self, variant, several_splits: bool, several_localizers: bool) -> str:
         return "SR-PPO"
+
+    def rollouts_per_prompt(self, cfg) -> int:
+        return self.options(cfg.method).rollouts
 
     def generate(self, ctx, shard) -> None:
         sample_iid(ctx, shard, self.options(ctx.cfg.method).rollouts)
