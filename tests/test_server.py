@@ -10,6 +10,7 @@ over a stub backend; `AdapterSource` is tested directly against a local root and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -162,8 +163,7 @@ def test_ready_is_503_until_the_model_is_loaded():
         return Stub()
 
     host = ModelHost(factory, "stub-model")
-    srv = InferenceServer(host, ("127.0.0.1", 0))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = InferenceServer(host, ("127.0.0.1", 0)).start()
     try:
         eng = RemoteEngine(srv.url)
         loader = threading.Thread(target=host.load_model)
@@ -181,8 +181,7 @@ def test_ready_is_503_until_the_model_is_loaded():
         assert eng.encode("Q:1+2|") == ScriptedEngine({}, {}).encode("Q:1+2|")
     finally:
         release.set()
-        srv.shutdown()
-        srv.server_close()
+        srv.stop()
         host.close()
 
 
@@ -417,15 +416,13 @@ def stub_server(tmp_path):
 
         host = ModelHost(stub_backend_class(), "stub-model", cache_dir=str(tmp_path / f"cache{len(made)}"), adapter_source=AdapterSource(roots))
         host.load_model()
-        srv = InferenceServer(host, (address, 0), token=token, limits=limits or ServerLimits())
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        srv = InferenceServer(host, (address, 0), token=token, limits=limits or ServerLimits()).start()
         made.append(srv)
         return srv, host
 
     yield make
     for srv in made:
-        srv.shutdown()
-        srv.server_close()
+        srv.stop()
         srv.host.close()
 
 
@@ -619,24 +616,84 @@ def raw_request(url: str, data: bytes, timeout: float = 30) -> bytes:
 def test_body_size_is_capped_before_reading(stub_server):
     from srpo_core.server.app import ServerLimits
 
-    srv, _ = stub_server(limits=ServerLimits(max_body_bytes=1000))
+    srv, host = stub_server(limits=ServerLimits(max_body_bytes=1000))
     head = f"POST /encode HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {1 << 30}\r\n\r\n".encode()
     answer = raw_request(srv.url, head)  # 1 GiB announced, nothing sent: answered and closed at once
     assert answer.startswith(b"HTTP/1.1 413") and b"1000" in answer
     assert http("POST", srv.url + "/encode", {"texts": ["a" * 2000]}, token=TOKEN)[0] == 413
     assert http("POST", srv.url + "/encode", {"texts": ["Q:1|"]}, token=TOKEN)[0] == 200
+    # a chunked body (no length announced) is counted as it streams in: refused at the first chunk past the cap,
+    # while the client has not finished it (no terminating chunk is ever sent, so waiting for the end would hang)
+    chunked = f"POST /teacher_force HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    chunk = b"%x\r\n%s\r\n" % (600, b" " * 600)
+    answer = raw_request(srv.url, chunked + chunk + chunk, timeout=30)
+    assert answer.startswith(b"HTTP/1.1 413") and b"refused after 1200 bytes" in answer
+    assert host.backend.engine.calls == 0
+    # unauthenticated: 401 before any of the body is read, whatever size it announces
+    answer = raw_request(srv.url, head.replace(f"Bearer {TOKEN}".encode(), b"Bearer wrong"))
+    assert answer.startswith(b"HTTP/1.1 401")
 
 
 def test_a_stalled_connection_is_closed_by_the_socket_timeout(stub_server):
+    import socket
+
+    from srpo_core.server.app import ServerLimits
+
+    timeout = 0.5
+    srv, _ = stub_server(limits=ServerLimits(socket_timeout_s=timeout))
+    partial = f"POST /encode HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"te".encode()
+    # a stalled body, a stalled request line, a connection that never sends: each closed without an
+    # answer once the timeout has passed (margin: a loaded CI machine's scheduling)
+    for data in (partial, b"GET /hea", b""):
+        t0 = time.monotonic()
+        assert raw_request(srv.url, data, timeout=60) == b"", data
+        assert timeout * 0.9 <= time.monotonic() - t0 < timeout + 10, data
+    # a keep-alive connection idle after an answer: closed too
+    host, port = srv.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b'"alive"' not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        assert sock.recv(65536) == b""
+        assert time.monotonic() - t0 < timeout + 10
+
+
+def test_a_client_that_does_not_read_its_answer_is_dropped(stub_server):
+    """A large answer the client never reads fills the socket buffers; after the socket timeout
+    without progress the server drops the connection (it holds no slot and no buffer after that)."""
+    import socket
+
     from srpo_core.server.app import ServerLimits
 
     srv, _ = stub_server(limits=ServerLimits(socket_timeout_s=0.5))
-    partial = f"POST /encode HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"te".encode()
-    t0 = time.monotonic()
-    assert raw_request(srv.url, partial, timeout=60) == b""  # closed by the server, no answer
-    assert time.monotonic() - t0 < 60
-    answer = raw_request(srv.url, b"GET /hea", timeout=60)  # a stalled request line: closed as well
-    assert answer == b"" or answer.startswith(b"HTTP/1.1 408")
+    srv.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted connections inherit it: the kernel holds little of the answer
+    n = 50_000  # the answer is ~9 bytes per token (-0.5 and the greedy id): ~450 kB, beyond both sockets' buffers
+    body = json.dumps({"prompts": [[1]], "responses": [[2] * n]}).encode()
+    host, port = srv.url.split("//")[1].split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(60)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(f"POST /teacher_force HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while not srv.server.server_state.connections:  # the kernel may hold the whole request before the server accepts it
+            assert time.monotonic() < deadline, "the server did not accept the connection"
+            time.sleep(0.01)
+        while srv.server.server_state.connections:  # the server's view: the connection is gone
+            assert time.monotonic() < deadline, "a connection whose client reads nothing was not dropped"
+            time.sleep(0.05)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        assert received < 9 * n  # the answer was cut off, not delivered
+    finally:
+        sock.close()
+    assert http("GET", srv.url + "/health")[0] == 200
 
 
 def test_connections_beyond_the_cap_get_503_at_once(stub_server):
@@ -648,15 +705,54 @@ def test_connections_beyond_the_cap_get_503_at_once(stub_server):
     host, port = srv.url.split("//")[1].split(":")
     idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
     try:
+        t0 = time.monotonic()
         status, out = http("GET", srv.url + "/health")
-        assert status == 503 and "busy" in out["error"]
+        assert status == 503 and "busy" in out["error"] and "--max-connections" in out["error"]
+        assert time.monotonic() - t0 < 10  # answered, not queued behind the idle connections
+        with pytest.raises(ServerNotReadyError, match="busy"):  # what a client sees
+            RemoteEngine(srv.url, token=TOKEN).encode("Q:1|")
     finally:
         for sock in idle:
             sock.close()
-    deadline = time.monotonic() + 30  # the server's threads see the closed sockets and free their slots
+    deadline = time.monotonic() + 30  # the server sees the closed sockets and frees their slots
     while http("GET", srv.url + "/health")[0] != 200:
         assert time.monotonic() < deadline, "slots not released after the idle connections closed"
         time.sleep(0.05)
+    # exactly max_connections at once are served: one idle connection and this request
+    with socket.create_connection((host, int(port)), timeout=30):
+        time.sleep(0.2)  # accepted by the server before the request below
+        assert http("GET", srv.url + "/health")[0] == 200
+
+
+def test_probes_and_the_tokenizer_answer_while_a_model_call_runs(stub_server):
+    """Model calls run in the thread pool behind the model lock: /health, /ready, /adapters (the
+    event loop) and tokenizer calls (their own lock) answer while one is stuck."""
+    srv, host = stub_server()
+    started, release = threading.Event(), threading.Event()
+    real = host.backend.engine.teacher_force
+
+    def slow(prompts, responses, temperature=1.0):
+        started.set()
+        assert release.wait(60)
+        return real(prompts, responses, temperature)
+
+    host.backend.engine.teacher_force = slow
+    eng = RemoteEngine(srv.url, token=TOKEN)
+    result = []
+    caller = threading.Thread(target=lambda: result.append(eng.teacher_force([[1]], [[2, 3]])))
+    caller.start()
+    try:
+        assert started.wait(30)
+        t0 = time.monotonic()
+        assert eng.health() == {"status": "alive"}
+        assert eng.ready()["ready"] is True
+        assert eng.adapters()["active"] == "base"
+        assert eng.encode("Q:1|")
+        assert time.monotonic() - t0 < 5 and caller.is_alive()
+    finally:
+        release.set()
+        caller.join(30)
+    assert result[0][0].greedy_ids == [2, 3]
 
 
 def test_rows_and_row_tokens_are_capped(stub_server):

@@ -4,18 +4,21 @@ interface over HTTP/JSON (wire format: `server.protocol`), with LoRA adapters ho
     SRPO_SERVER_TOKEN=... python -m srpo_core.server --model PATH --artifact-root s3://bucket/srpo \
         --host 0.0.0.0 --port 8000 [--engine hf|vllm]
 
-Stack: the standard library's `ThreadingHTTPServer` with hand-written limits (README, "The
-inference server", says why not FastAPI/uvicorn). Model work (generation, scoring, adapter loads)
-is serialised by one lock; `/health`, `/ready` and `/adapters` never take it, so probes answer
-while a long generation runs.
+Stack: FastAPI (routes, pydantic request bodies, error handlers) served by uvicorn's h11 protocol
+in one event loop (`InferenceServer`), with the limits uvicorn does not give in two small layers of
+our own: `_Gate` (ASGI middleware: the token, the streamed body cap) and `_Protocol` (uvicorn's h11
+protocol subclassed: stall timeouts, the connection cap, JSON answers to malformed requests).
+Model work (generation, scoring, adapter loads, tokenizer calls) runs in the thread pool, serialised
+by one lock; `/health`, `/ready` and `/adapters` run on the event loop and never take it, so probes
+answer while a long generation runs.
 
 Authentication and limits (README, "Security model")
     Every endpoint but `/health` and `/ready` requires `Authorization: Bearer <token>` (the token
     from `--token-file` or `$SRPO_SERVER_TOKEN`, compared in constant time); the unauthenticated
     `/ready` says only whether the server is ready. Without a token the server refuses to bind
-    anything but a loopback address. Requests are bounded (`ServerLimits`): body size, socket
-    timeout, concurrent connections (excess answered 503 at once), rows and rows x tokens per
-    request; token ids are range-checked against the model's vocabulary (400). A device error
+    anything but a loopback address. Requests are bounded (`ServerLimits`): body size (counted while
+    it streams in), stall timeout, concurrent connections (excess answered 503), rows and rows x
+    tokens per request; token ids are range-checked against the model's vocabulary (400). A device error
     during a model call (CUDA error, device-side assert) marks the server failed: `/ready` answers
     503 from then on and model calls are refused, so an orchestrator replaces the process.
 
@@ -42,15 +45,18 @@ from __future__ import annotations
 
 import abc
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import hmac
+import http
 import ipaddress
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -59,9 +65,21 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Annotated, Any
 
+import anyio.to_thread
+import h11
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StrictStr, model_validator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from srpo_core.engine.base import SamplingParams, ThoughtLimits, ThoughtRequest
 from srpo_core.server import protocol as P
 from srpo_core.server.adapters import AdapterRefused, AdapterSource, FetchLimits
 
@@ -85,9 +103,9 @@ class ServerLimits:
     32 prompts x 8 chains at max_model_len 32768 is 256 rows and 8.4M row-tokens; a localization
     teacher_force of 32 x 4096 response tokens is ~1 MB of JSON."""
 
-    max_body_bytes: int = 16 << 20
-    socket_timeout_s: float = 60.0  # a connection that sends nothing for this long is closed
-    max_connections: int = 32  # connections served at once; more are answered 503 immediately
+    max_body_bytes: int = 16 << 20  # counted while the body streams in: 413 at the first byte past it
+    socket_timeout_s: float = 60.0  # a connection the server waits on (request, body, or its reading of the answer) closes after this long without progress
+    max_connections: int = 32  # connections open at once; the request of one more is answered 503 and the connection closed
     max_rows: int = 4096  # sequences per request (generation: sum of n)
     max_request_tokens: int = 1 << 25  # rows x tokens (generation: rows x max_model_len)
 
@@ -496,6 +514,17 @@ class ModelHost:
 
 
 # ---- HTTP -------------------------------------------------------------------------------------------
+#
+# Three layers, outermost first, and which limit each one holds:
+#   _Protocol  uvicorn's h11 protocol: stall timeouts (reading a request, its body, or the client's
+#              reading of an answer), the connection cap (503), malformed requests (JSON 400/431).
+#   _Gate      ASGI middleware before routing: the bearer token (401 before any body byte is read),
+#              the body cap (413, counted while the body streams in), the catch-all error answer.
+#   FastAPI    routes, pydantic request bodies (typed and ranged fields, 400), and the request
+#              caps that need the parsed body (rows, rows x tokens: 413; token ranges: 400).
+
+SERVER_NAME = "srpo-inference/1"
+
 
 def error_status(exc: Exception) -> int:
     """HTTP status of an unexpected exception: store errors are the caller's URI or the store."""
@@ -510,10 +539,6 @@ def error_status(exc: Exception) -> int:
     return 500
 
 
-class _CloseConnection(Exception):
-    """The client stalled or hung up: drop the connection without an answer."""
-
-
 def _work(rows: int, tokens: int, limits: ServerLimits, what: str) -> None:
     if rows > limits.max_rows:
         raise HTTPError(413, f"{what}: {rows} rows exceed the server's cap of {limits.max_rows} per request (--max-request-rows); split the request")
@@ -521,244 +546,566 @@ def _work(rows: int, tokens: int, limits: ServerLimits, what: str) -> None:
         raise HTTPError(413, f"{what}: {tokens} row-tokens exceed the server's cap of {limits.max_request_tokens} per request (--max-request-tokens); split the request")
 
 
-def make_handler(host: ModelHost, token: str | None, limits: ServerLimits):
-    token_bytes = token.encode() if token else None
+class JSONAnswer(Response):
+    """`json.dumps` as the protocol writes it: -inf log-probs as `-Infinity` (Starlette's
+    JSONResponse refuses non-finite floats), floats by repr (bit-exact round trip)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "srpo-inference/1"
-        timeout = limits.socket_timeout_s  # socket timeout for every read and write of a connection
+    media_type = "application/json"
 
-        def log_message(self, fmt, *args):  # route http.server's access log through logging (no headers)
-            log.debug("%s " + fmt, self.address_string(), *args)
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content).encode()
 
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if status == 401:
-                self.send_header("WWW-Authenticate", 'Bearer realm="srpo-inference"')
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
 
-        def _authorized(self) -> bool:
-            if token_bytes is None:
-                return True
-            scheme, _, presented = (self.headers.get("Authorization") or "").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token_bytes)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONAnswer:
+    return JSONAnswer({"error": message}, status_code=status, headers=headers)
 
-        def _body(self) -> dict:
-            if self.headers.get("Transfer-Encoding"):
-                raise HTTPError(411, "chunked request bodies are not accepted: send Content-Length")
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise HTTPError(400, f"Content-Length is not a number: {self.headers.get('Content-Length')!r}") from None
-            if length < 0:
-                raise HTTPError(400, f"Content-Length is negative: {length}")
-            if length > limits.max_body_bytes:
-                raise HTTPError(413, f"request body of {length} bytes exceeds the server's cap of {limits.max_body_bytes} (--max-body-bytes)")
-            try:
-                raw = self.rfile.read(length) if length else b"{}"
-            except (TimeoutError, OSError):
-                raise _CloseConnection() from None
-            if len(raw) < length:
-                raise _CloseConnection()  # the client hung up mid-body
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise HTTPError(400, f"request body is not JSON: {exc}") from None
-            if not isinstance(body, dict):
-                raise HTTPError(400, "request body must be a JSON object")
-            return body
 
-        def _dispatch(self, method: str) -> None:
-            t0 = time.perf_counter()
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
-            status, body = 200, {}
-            authorized = self._authorized()
-            try:
-                if not authorized and path not in OPEN_PATHS:
-                    self.close_connection = True  # the body (if any) is never read
-                    raise HTTPError(401, "missing or wrong bearer token (Authorization: Bearer <token>; the token is the server's --token-file / $SRPO_SERVER_TOKEN)")
-                if method == "POST":
-                    payload = self._body()
-                route = ROUTES.get((method, path))
-                if route is None:
-                    known = sorted({p for _, p in ROUTES})
-                    raise HTTPError(404 if path not in known else 405, f"no route {method} {path} (routes: {', '.join(known)})")
-                status, body = route(payload) if method == "POST" else route(authorized) if path == "/ready" else route()
-            except _CloseConnection:
-                self.close_connection = True
-                log.info("%s %s: client stalled or hung up; connection closed", method, path)
-                return
-            except HTTPError as exc:
-                status, body = exc.status, {"error": str(exc)}
-            except P.ProtocolError as exc:
-                status, body = 400, {"error": str(exc)}
-            except Exception as exc:  # noqa: BLE001 - a server must answer, not die
-                status, body = error_status(exc), {"error": f"{type(exc).__name__}: {exc}"}
-                if status == 500:
-                    log.error("%s %s failed:\n%s", method, path, traceback.format_exc())
-            if status >= 400 and method == "POST":
-                self.close_connection = True  # a refused body may be unread: never parse it as a request
-            try:
-                self._send(status, body)
-            except OSError:
-                self.close_connection = True
-                return
-            level = logging.INFO if path not in OPEN_PATHS else logging.DEBUG
-            log.log(
-                level, "%s %s -> %d (%.3fs)%s", method, path, status, time.perf_counter() - t0, f" [{body.get('adapter_version')}]" if isinstance(body, dict) and body.get("adapter_version") else ""
-            )
+async def _send_error(send, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """An error answer straight on the ASGI channel (from the layers before routing); always closes the connection."""
+    data = json.dumps({"error": message}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), (b"connection", b"close"), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
 
-        def do_GET(self):
-            self._dispatch("GET")
 
-        def do_POST(self):
-            self._dispatch("POST")
+# ---- request bodies (pydantic): types and ranges; a failure is a 400 naming the field ----
+
+def _version(value: str) -> str:
+    if not P.VERSION_RE.match(value):
+        raise ValueError(f"must match {P.VERSION_RE.pattern}, got {value[:80]!r}")
+    return value
+
+
+def _sha256(value: str) -> str:
+    if not P.SHA256_RE.match(value):
+        raise ValueError(f"must be 64 lowercase hex digits (a sha256), got {value[:80]!r}")
+    return value
+
+
+Version = Annotated[StrictStr, AfterValidator(_version)]
+Sha256 = Annotated[StrictStr, AfterValidator(_sha256)]
+IdLists = list[list[StrictInt]]
+Count = Annotated[StrictInt, Field(ge=1)]
+# limits and sampling: the protocol's own checks (every field of the engine dataclass, typed, ranged, no unknown ones)
+Limits = Annotated[ThoughtLimits, PlainValidator(P.limits_from_json)]
+Sampling = Annotated[SamplingParams, PlainValidator(P.sampling_from_json)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field (adapter_verison) is an error, never silently the default
+
+
+class Pinned(Body):
+    adapter_version: Version | None = None  # the version the call requires (null: the active one)
+    adapter_sha256: Sha256 | None = None  # the content it requires
+
+
+class TextsBody(Body):
+    texts: list[StrictStr]
+
+
+class DecodeBody(Body):
+    ids: IdLists
+
+
+class LoadBody(Body):
+    uri: StrictStr
+    version: Version
+    sha256: Sha256 | None = None
+
+    @model_validator(mode="after")
+    def _hash_required(self):
+        if self.sha256 is None:
+            raise ValueError("sha256 is required: the adapter_sha256 of the adapter the caller expects (the learner's); the server refuses other content")
+        return self
+
+
+class UnloadBody(Body):
+    version: Version
+
+
+class ThoughtRequestBody(Body):
+    prompt_ids: list[StrictInt]
+    n: Count = 1
+    prefix_ids: list[StrictInt] = []
+    prefix_spans: list[tuple[StrictInt, StrictInt]] = []
+
+    @model_validator(mode="after")
+    def _spans_in_prefix(self):
+        if any(not 0 <= a <= b <= len(self.prefix_ids) for a, b in self.prefix_spans):
+            raise ValueError(f"prefix_spans must be [start, end] with 0 <= start <= end <= len(prefix_ids) = {len(self.prefix_ids)}")
+        return self
+
+    def request(self) -> ThoughtRequest:
+        return ThoughtRequest(prompt_ids=tuple(self.prompt_ids), n=self.n, prefix_ids=tuple(self.prefix_ids), prefix_spans=tuple(self.prefix_spans))
+
+
+class GenerateBody(Pinned):
+    requests: list[ThoughtRequestBody]
+    limits: Limits = Field(default_factory=ThoughtLimits)
+    sampling: Sampling = Field(default_factory=SamplingParams)
+
+
+class CompleteBody(Pinned):
+    prompts: IdLists
+    max_tokens: Count
+    sampling: Sampling = Field(default_factory=SamplingParams)
+
+
+class TeacherForceBody(Pinned):
+    prompts: IdLists
+    responses: IdLists
+    temperature: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] = 1.0
+
+    @model_validator(mode="after")
+    def _paired(self):
+        if len(self.prompts) != len(self.responses):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.responses)} responses")
+        return self
+
+
+def validation_message(errors: list[dict], shown: int = 5) -> str:
+    """pydantic's errors as one line naming each field the way the protocol writes it (requests[0].prompt_ids)."""
+    parts = []
+    for e in errors[:shown]:
+        loc = list(e.get("loc", ()))
+        if loc[:1] == ["body"]:
+            loc = loc[1:]
+        if e.get("type") == "json_invalid":
+            return f"request body is not JSON: {(e.get('ctx') or {}).get('error', e.get('msg'))}"
+        where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        if not where:
+            parts.append("request body must be a JSON object" if e.get("type") in ("model_type", "model_attributes_type", "dict_type") else msg)
+        elif e.get("type") == "missing":
+            parts.append(f"{where} is required")
+        elif e.get("type") == "extra_forbidden":
+            parts.append(f"{where}: unknown field")
+        else:
+            parts.append(msg if msg.startswith(where) else f"{where}: {msg}")
+    return "; ".join(parts) + (f" (and {len(errors) - shown} more)" if len(errors) > shown else "")
+
+
+# ---- the app ----
+
+def make_app(host: ModelHost, token: str | None, limits: ServerLimits) -> FastAPI:
+    """The FastAPI app over `host`, behind `_Gate` (token, body cap). Model calls are plain `def`
+    routes (FastAPI runs them in the thread pool); the probes are `async def` (the event loop)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # one pool thread per connection at most, as model calls and tokenizer calls wait on their locks there
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, limits.max_connections)
+        yield
+
+    app = FastAPI(title="srpo inference server", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False, lifespan=lifespan)
+    app.add_middleware(_Gate, token=token, limits=limits)
+
+    @app.exception_handler(HTTPError)
+    async def on_http_error(request, exc: HTTPError):
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(P.ProtocolError)
+    async def on_protocol_error(request, exc: P.ProtocolError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_body(request, exc: RequestValidationError):
+        return _error(400, validation_message(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_routing(request, exc: StarletteHTTPException):
+        if exc.status_code in (404, 405):
+            known = sorted({r.path for r in app.routes if hasattr(r, "methods")})
+            return _error(exc.status_code, f"no route {request.method} {request.url.path} (routes: {', '.join(known)})", exc.headers)
+        return _error(exc.status_code, str(exc.detail), exc.headers)
 
     def vocab(rows, what):
         host._require_ready()
         P.check_token_range(rows, host.vocab_size, what)
 
-    def health():
-        return 200, {"status": "alive"}
+    def answer(request: Request, version: str, results: list) -> JSONAnswer:
+        request.state.adapter_version = version  # for the request log line
+        return JSONAnswer({"adapter_version": version, "results": results})
 
-    def ready(authorized: bool):
+    @app.get("/health")
+    async def health():
+        return JSONAnswer({"status": "alive"})
+
+    @app.get("/ready")
+    async def ready(request: Request):
         info = host.status()
         if not info["ready"]:
             info.setdefault("error", f"model {host.model_path} is not loaded yet")
-        status = 200 if info["ready"] else 503
-        return status, info if authorized else {"ready": info["ready"]}
+        return JSONAnswer(info if request.state.authorized else {"ready": info["ready"]}, status_code=200 if info["ready"] else 503)
 
-    def adapters():
+    @app.get("/adapters")
+    async def adapters():
         host._require_ready()
-        return 200, host.adapter_listing()
+        return JSONAnswer(host.adapter_listing())
 
-    def load(b):
-        if b.get("sha256") is None:
-            raise P.ProtocolError("sha256 is required: the adapter_sha256 of the adapter the caller expects (the learner's); the server refuses other content")
-        return 200, host.load_adapter(b.get("uri"), b.get("version"), b.get("sha256"))
+    @app.post("/adapters/load")
+    def load(body: LoadBody):
+        return JSONAnswer(host.load_adapter(body.uri, body.version, body.sha256))
 
-    def unload(b):
-        return 200, host.unload_adapter(b.get("version"))
+    @app.post("/adapters/unload")
+    def unload(body: UnloadBody):
+        return JSONAnswer(host.unload_adapter(body.version))
 
-    def encode(b):
-        texts = P.texts(b.get("texts"))
-        _work(len(texts), sum(map(len, texts)), limits, "encode")
-        return 200, {"ids": host.tokenize(lambda e: [e.encode(t) for t in texts])}
+    @app.post("/encode")
+    def encode(body: TextsBody):
+        _work(len(body.texts), sum(map(len, body.texts)), limits, "encode")
+        return JSONAnswer({"ids": host.tokenize(lambda e: [e.encode(t) for t in body.texts])})
 
-    def encode_chat(b):
-        texts = P.texts(b.get("texts"))
-        _work(len(texts), sum(map(len, texts)), limits, "encode_chat")
-        return 200, {"ids": host.tokenize(lambda e: [e.encode_chat(t) for t in texts])}
+    @app.post("/encode_chat")
+    def encode_chat(body: TextsBody):
+        _work(len(body.texts), sum(map(len, body.texts)), limits, "encode_chat")
+        return JSONAnswer({"ids": host.tokenize(lambda e: [e.encode_chat(t) for t in body.texts])})
 
-    def decode(b):
-        ids = P.id_lists(b.get("ids"), "ids")
-        _work(len(ids), sum(map(len, ids)), limits, "decode")
-        vocab(ids, "ids")
-        return 200, {"texts": host.tokenize(lambda e: [e.decode(i) for i in ids])}
+    @app.post("/decode")
+    def decode(body: DecodeBody):
+        _work(len(body.ids), sum(map(len, body.ids)), limits, "decode")
+        vocab(body.ids, "ids")
+        return JSONAnswer({"texts": host.tokenize(lambda e: [e.decode(i) for i in body.ids])})
 
-    def generate_thoughts(b):
-        reqs = b.get("requests")
-        if not isinstance(reqs, list):
-            raise P.ProtocolError("requests must be a list")
-        reqs = [P.request_from_json(r, i) for i, r in enumerate(reqs)]
-        limits_, sampling = P.limits_from_json(b.get("limits", {})), P.sampling_from_json(b.get("sampling", {}))
+    @app.post("/generate_thoughts")
+    def generate_thoughts(body: GenerateBody, request: Request):
+        reqs = [r.request() for r in body.requests]
         rows = sum(r.n for r in reqs)
-        _work(rows, rows * limits_.max_model_len, limits, "generate_thoughts")
+        _work(rows, rows * body.limits.max_model_len, limits, "generate_thoughts")
         vocab([r.prompt_ids for r in reqs], "requests.prompt_ids")
         vocab([r.prefix_ids for r in reqs], "requests.prefix_ids")
-        version, groups = host.run(b.get("adapter_version"), lambda e: e.generate_thoughts(reqs, limits_, sampling), b.get("adapter_sha256"))
-        return 200, {"adapter_version": version, "results": [[P.rollout_to_json(r) for r in g] for g in groups]}
+        version, groups = host.run(body.adapter_version, lambda e: e.generate_thoughts(reqs, body.limits, body.sampling), body.adapter_sha256)
+        return answer(request, version, [[P.rollout_to_json(r) for r in g] for g in groups])
 
-    def complete(b):
-        prompts = P.id_lists(b.get("prompts"), "prompts")
-        max_tokens = b.get("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise P.ProtocolError("max_tokens must be an integer >= 1")
-        sampling = P.sampling_from_json(b.get("sampling", {}))
-        _work(len(prompts), sum(len(p) + max_tokens for p in prompts), limits, "complete")
-        vocab(prompts, "prompts")
-        version, comps = host.run(b.get("adapter_version"), lambda e: e.complete(prompts, max_tokens, sampling), b.get("adapter_sha256"))
-        return 200, {"adapter_version": version, "results": [P.completion_to_json(c) for c in comps]}
+    @app.post("/complete")
+    def complete(body: CompleteBody, request: Request):
+        _work(len(body.prompts), sum(len(p) + body.max_tokens for p in body.prompts), limits, "complete")
+        vocab(body.prompts, "prompts")
+        version, comps = host.run(body.adapter_version, lambda e: e.complete(body.prompts, body.max_tokens, body.sampling), body.adapter_sha256)
+        return answer(request, version, [P.completion_to_json(c) for c in comps])
 
-    def teacher_force(b):
-        prompts, responses = P.id_lists(b.get("prompts"), "prompts"), P.id_lists(b.get("responses"), "responses")
-        if len(prompts) != len(responses):
-            raise P.ProtocolError(f"{len(prompts)} prompts but {len(responses)} responses")
-        temperature = b.get("temperature", 1.0)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0 or temperature == float("inf"):
-            raise P.ProtocolError("temperature must be a finite number > 0")
-        _work(len(prompts), sum(len(p) + len(r) for p, r in zip(prompts, responses)), limits, "teacher_force")
-        vocab(prompts, "prompts")
-        vocab(responses, "responses")
-        version, scores = host.run(b.get("adapter_version"), lambda e: e.teacher_force(prompts, responses, float(temperature)), b.get("adapter_sha256"))
-        return 200, {"adapter_version": version, "results": [P.scores_to_json(s) for s in scores]}
+    @app.post("/teacher_force")
+    def teacher_force(body: TeacherForceBody, request: Request):
+        _work(len(body.prompts), sum(len(p) + len(r) for p, r in zip(body.prompts, body.responses)), limits, "teacher_force")
+        vocab(body.prompts, "prompts")
+        vocab(body.responses, "responses")
+        version, scores = host.run(body.adapter_version, lambda e: e.teacher_force(body.prompts, body.responses, float(body.temperature)), body.adapter_sha256)
+        return answer(request, version, [P.scores_to_json(s) for s in scores])
 
-    ROUTES = {
-        ("GET", "/health"): health, ("GET", "/ready"): ready, ("GET", "/adapters"): adapters,
-        ("POST", "/adapters/load"): load, ("POST", "/adapters/unload"): unload,
-        ("POST", "/encode"): encode, ("POST", "/encode_chat"): encode_chat, ("POST", "/decode"): decode,
-        ("POST", "/generate_thoughts"): generate_thoughts, ("POST", "/complete"): complete, ("POST", "/teacher_force"): teacher_force,
-    }  # fmt: skip
-    return Handler
+    return app
 
 
-BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Retry-After: 1\r\nContent-Length: 68\r\n\r\n"
-    b'{"error": "server busy: too many connections (--max-connections)"}\r\n'
-)
+class _ClientGone(Exception):
+    """The client hung up, or stalled and `_Protocol` closed its connection, before its body was in."""
 
 
-class InferenceServer(ThreadingHTTPServer):
-    """One thread per connection, at most `limits.max_connections` at once: a connection beyond
-    that is answered 503 at once and closed, so stalled clients cannot pile up threads."""
+class _Gate:
+    """ASGI middleware in front of routing, for every HTTP request:
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
+    * the bearer token (constant-time compare), checked on the headers alone: a request without it
+      gets 401 before a byte of its body is read (`/health` and `/ready` are open; `/ready` then
+      answers only ready or not);
+    * the body cap: a Content-Length over `max_body_bytes` is a 413 at once, and the body is counted
+      chunk by chunk as it streams in (chunked bodies too): 413 at the first chunk past the cap,
+      the rest never read. The body is then handed to the app as one message, as JSON whatever the
+      Content-Type says (the protocol is JSON only);
+    * an answer for every failure: an exception no handler took becomes `{"error"}` with the status
+      of `error_status` (500s logged with their traceback), and an error answer to a POST closes the
+      connection (an unread body is never parsed as the next request);
+    * one log line per request (method, path, status, seconds, the adapter version that served it)."""
 
-    def __init__(self, host: ModelHost, address: tuple[str, int], *, token: str | None = None, limits: ServerLimits = ServerLimits()):
+    def __init__(self, app, token: str | None, limits: ServerLimits):
+        self.app = app
+        self.token = token.encode() if token else None
+        self.limits = limits
+
+    def authorized(self, headers: Headers) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, presented = (headers.get("authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self.token)
+
+    async def read_body(self, headers: Headers, receive) -> bytes:
+        cap = self.limits.max_body_bytes
+        announced = headers.get("content-length")  # h11 has refused a malformed one (400) before this
+        if announced is not None and int(announced) > cap:
+            raise HTTPError(413, f"request body of {int(announced)} bytes exceeds the server's cap of {cap} (--max-body-bytes)")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                raise HTTPError(413, f"request body exceeds the server's cap of {cap} bytes (--max-body-bytes); refused after {size} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        method, path = scope["method"], scope["path"].rstrip("/") or "/"
+        state = scope.setdefault("state", {})
+        status = 0
+
+        async def send_checked(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status >= 400 and method == "POST" and not any(k.lower() == b"connection" for k, _ in message.get("headers", ())):
+                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        headers = Headers(scope=scope)
+        try:
+            state["authorized"] = self.authorized(headers)
+            if not state["authorized"] and path not in OPEN_PATHS:
+                message = "missing or wrong bearer token (Authorization: Bearer <token>; the token is the server's --token-file / $SRPO_SERVER_TOKEN)"
+                return await _send_error(send_checked, 401, message, ((b"www-authenticate", b'Bearer realm="srpo-inference"'),))
+            try:
+                body = await self.read_body(headers, receive)
+            except HTTPError as exc:
+                return await _send_error(send_checked, exc.status, str(exc))
+            if not body and method == "POST":
+                body = b"{}"
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: the disconnect, when it comes
+
+            app_headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length", b"transfer-encoding")]
+            app_headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await self.app({**scope, "path": path, "headers": app_headers}, replay, send_checked)
+        except _ClientGone:
+            return  # nothing to answer (a stall is logged by _Protocol)
+        except Exception as exc:  # noqa: BLE001 - a server must answer, not die
+            if status:
+                raise  # the answer has started: nothing left to say (uvicorn closes the connection)
+            status = error_status(exc)
+            if status == 500:
+                log.error("%s %s failed:\n%s", method, path, traceback.format_exc())
+            await _send_error(send_checked, status, f"{type(exc).__name__}: {exc}")
+        finally:
+            version = state.get("adapter_version")
+            level = logging.INFO if path not in OPEN_PATHS else logging.DEBUG
+            outcome = status or "no answer (the client hung up or stalled before its body was in)"
+            log.log(level, "%s %s -> %s (%.3fs)%s", method, path, outcome, time.perf_counter() - t0, f" [{version}]" if version else "")
+
+
+# ---- the connection layer: uvicorn's h11 protocol with this server's limits ----
+
+class _H11Connection(h11.Connection):
+    """h11's connection state machine, remembering why it refused a request (for the JSON 400)."""
+
+    refused: h11.RemoteProtocolError | None = None
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refused = exc
+            raise
+
+
+BUSY_MESSAGE = "server busy: too many connections (--max-connections)"
+
+
+async def _busy(scope, receive, send) -> None:
+    """The answer to a request on a connection beyond the cap."""
+    await _send_error(send, 503, BUSY_MESSAGE, ((b"retry-after", b"1"),))
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11) with the limits uvicorn leaves out. uvicorn times out only
+    the idle gap between two requests of a keep-alive connection (`timeout_keep_alive`); here every
+    wait on the client is bounded by it (= --socket-timeout):
+
+    * reading: while a request line, its headers or its body are awaited and no byte arrives for
+      that long, the connection is closed without an answer (a slow-loris client holds nothing);
+    * writing: while the client does not read an answer (the transport's buffer stays full) for
+      that long, the connection is dropped;
+    * connections at once: a connection that opens beyond `limit_concurrency` (= --max-connections)
+      has its request answered 503 `{"error"}` with Retry-After and is closed. uvicorn's own check
+      is switched off: it answers plain text and counts the new connection against the cap;
+    * a request h11 refuses (malformed request line, headers or Content-Length; headers over
+      `h11_max_incomplete_event_size`) is answered `{"error"}` with h11's reason, not plain text.
+
+    It relies on uvicorn's H11Protocol internals (pinned in pyproject.toml; tests/test_server.py
+    exercises each limit)."""
+
+    def __init__(self, config, server_state, app_state, _loop=None):
+        super().__init__(config, server_state, app_state, _loop)
+        size = config.h11_max_incomplete_event_size
+        self.conn = _H11Connection(h11.SERVER) if size is None else _H11Connection(h11.SERVER, size)
+        self.max_connections = self.limit_concurrency
+        self.limit_concurrency = None  # ours, in connection_made
+        self.stall_s = float(config.timeout_keep_alive)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+
+    def _peer(self) -> str:
+        return "%s:%d" % self.client if self.client else "a client"
+
+    # -- connections at once --
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if self.max_connections is not None and max(len(self.connections), len(self.tasks) + 1) > self.max_connections:
+            log.warning("%s: %d connections open, the cap is %d (--max-connections); its request is answered 503", self._peer(), len(self.connections), self.max_connections)
+            self.app = _busy
+        self._watch_reads()
+
+    # -- read stalls --
+    def _watch_reads(self) -> None:
+        """(Re)arm the read timer while the server waits for the client's request or body."""
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+            self._read_timer = self.loop.call_later(self.stall_s, self._read_stalled)
+
+    def _read_stalled(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # the server, not the client, is not reading (a full buffer): wait on
+            self._watch_reads()
+            return
+        midway = self.conn.their_state is h11.SEND_BODY or bool(self.conn.trailing_data[0])
+        log.log(logging.INFO if midway else logging.DEBUG, "%s sent nothing for %.1fs %s; connection closed (--socket-timeout)", self._peer(), self.stall_s, "mid-request" if midway else "(idle)")
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_reads()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._watch_reads()  # a pipelined request may now be awaiting its body
+
+    # -- write stalls --
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.stall_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        log.info("%s read nothing of its answer for %.1fs; connection dropped (--socket-timeout)", self._peer(), self.stall_s)
+        self.transport.abort()  # close() would wait for the buffer to drain
+
+    def connection_lost(self, exc) -> None:
+        for timer in (self._read_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._read_timer = self._write_timer = None
+        super().connection_lost(exc)
+
+    # -- malformed requests --
+    def send_400_response(self, msg: str) -> None:
+        refused = self.conn.refused
+        status = getattr(refused, "error_status_hint", 400) or 400
+        data = json.dumps({"error": f"malformed HTTP request: {refused}" if refused else msg}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), (b"connection", b"close")]
+        for event in (h11.Response(status_code=status, headers=headers, reason=http.HTTPStatus(status).phrase.encode()), h11.Data(data=data), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+class InferenceServer:
+    """The HTTP server: the FastAPI app of `host` on uvicorn, on a socket bound here (port 0: the
+    kernel picks one; `server_address` and `url` say which).
+
+        server = InferenceServer(host, ("127.0.0.1", 0), token=token).start()   # serving in a thread
+        ...
+        server.stop()
+
+    `serve_forever()` serves in the calling thread instead (until `shutdown()` from another one).
+    uvicorn installs no signal handlers outside the main thread, so the process's own (`main`)
+    decide when to stop. `shutdown` waits up to `grace_s` for requests in flight (a model call
+    still running after that is abandoned with its pool thread, a daemon)."""
+
+    def __init__(self, host: ModelHost, address: tuple[str, int], *, token: str | None = None, limits: ServerLimits = ServerLimits(), grace_s: float = 5.0):
         if token is not None and len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"the server token must have at least {MIN_TOKEN_CHARS} characters")
         if token is None and not is_loopback(address[0]):
             raise ValueError(f"refusing to serve on {address[0]} without a token: set --token-file or ${TOKEN_ENV} (a loopback address may run without)")
-        self.limits = limits
-        self.slots = threading.BoundedSemaphore(limits.max_connections)
-        super().__init__(address, make_handler(host, token, limits))
         self.host = host
-
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.settimeout(1.0)
-                request.sendall(BUSY_RESPONSE)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+        self.limits = limits
+        self.grace_s = grace_s
+        self.app = make_app(host, token, limits)
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
         try:
-            super().process_request(request, client_address)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
         except BaseException:
-            self.slots.release()
+            sock.close()
             raise
+        self.socket = sock
+        self.server_address = sock.getsockname()[:2]
+        config = uvicorn.Config(
+            self.app, http=_Protocol, ws="none", loop="asyncio", lifespan="on", log_config=None, access_log=False, proxy_headers=False, server_header=False,
+            headers=[("server", SERVER_NAME)], backlog=128, limit_concurrency=limits.max_connections, timeout_keep_alive=limits.socket_timeout_s, timeout_graceful_shutdown=grace_s,
+        )  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self._serving = threading.Event()
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def process_request_thread(self, request, client_address):
+    def serve_forever(self) -> None:
+        self._serving.set()
         try:
-            super().process_request_thread(request, client_address)
+            self.server.run(sockets=[self.socket])
         finally:
-            self.slots.release()
+            self._finished.set()
+
+    def start(self, timeout: float = 30.0) -> InferenceServer:
+        """Serve in a daemon thread; returns once uvicorn has started (the lifespan ran, the socket is served)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if self._finished.is_set():
+                raise RuntimeError(f"the inference server on {self.url} stopped while starting (see the log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the inference server on {self.url} did not start within {timeout:.0f}s")
+            time.sleep(0.005)
+        return self
+
+    def shutdown(self) -> None:
+        """Stop serving: no new connections, requests in flight get up to `grace_s`."""
+        self.server.should_exit = True
+        if self._serving.is_set() and not self._finished.wait(self.grace_s + 5.0):
+            log.warning("the HTTP server did not stop within %.0fs (a model call still running); leaving it to exit with the process", self.grace_s + 5.0)
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
 
     @property
     def url(self) -> str:
         h, p = self.server_address[:2]
-        return f"http://{h}:{p}"
+        return f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}"
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -783,9 +1130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-adapter-files", type=int, default=FetchLimits.max_files)
     s = p.add_argument_group("security and limits")
     s.add_argument("--token-file", help=f"file (mode 0600) holding the bearer token; default ${TOKEN_ENV}. Required unless --host is a loopback address")
-    s.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes)
-    s.add_argument("--socket-timeout", type=float, default=ServerLimits.socket_timeout_s, help="seconds a connection may stall on a read or write")
-    s.add_argument("--max-connections", type=int, default=ServerLimits.max_connections, help="connections served at once; more get 503 at once")
+    s.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes, help="request body cap, counted while the body streams in (413)")
+    s.add_argument("--socket-timeout", type=float, default=ServerLimits.socket_timeout_s, help="seconds a connection may stall (sending its request or body, reading its answer, idle)")
+    s.add_argument("--max-connections", type=int, default=ServerLimits.max_connections, help="connections open at once; the request of one more is answered 503")
     s.add_argument("--max-request-rows", type=int, default=ServerLimits.max_rows)
     s.add_argument("--max-request-tokens", type=int, default=ServerLimits.max_request_tokens, help="rows x tokens per request (generation: rows x max_model_len)")
     p.add_argument("--log-level", default=os.environ.get("SRPO_SERVER_LOG_LEVEL", "INFO"))
@@ -821,6 +1168,8 @@ def backend_factory(args: argparse.Namespace, model_path: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # uvicorn's start/stop lines repeat ours; its warnings stay
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     if args.threads:
         import torch
 
@@ -853,8 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(server.server_address[1]))
         tmp.replace(args.port_file)
+    server.start()
     log.info("listening on %s (model %s, engine %s, artifact roots: %s); /ready once the model is loaded", server.url, model_path, args.engine, source.describe())
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
 
     stop = threading.Event()
     exit_code = [0]
@@ -879,7 +1228,6 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=load, name="load", daemon=True).start()
     while not stop.wait(0.5):
         pass
-    server.shutdown()
-    server.server_close()
+    server.stop()
     host.close()
     return exit_code[0]

@@ -4,8 +4,9 @@ Both ends are this module, so the client (`engine.remote.RemoteEngine`) and the 
 (`server.app`) cannot drift. Floats go through Python's `json` (repr round-trip: log-probs arrive
 bit-exact; -inf is written as `-Infinity`, which Python's `json` reads back).
 
-Endpoints (all JSON; errors are `{"error": "..."}` with 400 bad request, 401 missing or wrong
-bearer token, 403 adapter URI outside the artifact root, 404 unknown path, 409 adapter-version or
+Endpoints (all JSON; errors are `{"error": "..."}` with 400 bad request (a body field or a malformed
+HTTP request; 431 for headers over the parser's limit), 401 missing or wrong bearer token, 403
+adapter URI outside the artifact root, 404 unknown path, 405 wrong method, 409 adapter-version or
 content-hash conflict, 413 body/request/adapter over a cap, 422 adapter not matching its step
 manifest, 503 not ready, busy or failed, 500 internal error). Every endpoint but /health and /ready
 needs `Authorization: Bearer <token>`; /ready without it answers only `{"ready": bool}`.
