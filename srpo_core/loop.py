@@ -48,6 +48,8 @@ class Session:
         from srpo_core.engine.openai_api import OpenAIEngine
 
         # vLLM loads the LoRA from disk; a vLLM server (rollout.engine openai) reads it at this path: rollout.lora_dir when it is elsewhere
+        if self.cfg.rollout.lora_dir:
+            Path(self.cfg.rollout.lora_dir).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"srpo-policy-{version}-", dir=self.cfg.rollout.lora_dir or None))
         self.learner.save_adapter(work)
         if isinstance(self.engine, OpenAIEngine):

@@ -419,3 +419,20 @@ def test_flow_phases_stage_verify_and_pin_the_step_adapter(server, tiny_model, t
     first = StepContext(plain.config, "t-openai", 0, "run-0", str(store.root), None, server_url=server.url)  # epoch step 0: the base model
     base = load_engine(first)
     assert base.served_model == "tiny-arith" and base.adapter_version == "base"
+
+
+def test_the_plain_loop_samples_through_the_vllm_server_and_loads_each_update(server, tiny_model_path, tmp_path, monkeypatch):
+    """`srpo train` (loop.py) with rollout.engine openai: the session's engine is the server, and
+    after an update the learner's adapter is saved under rollout.lora_dir and loaded there."""
+    from srpo_core.loop import open_session
+
+    monkeypatch.setenv("SRPO_SERVER_TOKEN", TOKEN)
+    cfg = load_config("tiny").override(
+        **{"model.name_or_path": tiny_model_path, "rollout.engine": "openai", "rollout.server_url": server.url, "rollout.lora_dir": str(tmp_path / "lora"), "rollout.scheduler": "batched"}
+    )
+    session = open_session(cfg)
+    assert isinstance(session.engine, OpenAIEngine) and session.engine.served_model == "tiny-arith"
+    session.sync_policy("step-1")
+    ((name, path),) = server.loras.items()
+    assert session.engine.served_model == name and name.startswith("step-1-sha256-") and Path(path).parent == tmp_path / "lora"
+    assert adapter_sha256(path) == session.engine.adapter_sha256 and session.engine.adapter_version == "step-1"

@@ -77,7 +77,7 @@ What the OpenAI API cannot give, and what this client does instead
   - **Adapter sources.** `lora_path` is a path on the vLLM server's filesystem; vLLM does not read
     `s3://`. The flow stages each step's adapter (verified against its manifest) into
     `rollout.lora_dir`, a directory both the phase steps and the server mount at the same path
-    (flow_phases.served_adapter_dir); a local artifact store is read in place.
+    (flow_phases.staged_adapter); a local artifact store is read in place.
   - **No batch-level request limits, no step-manifest check, no `/ready` after a device error**
     beyond what vLLM itself does; its `--api-key` guards only the `/v1` routes (see vLLM's
     security notes): keep the server behind a NetworkPolicy or on loopback, as ours.
