@@ -96,7 +96,8 @@ def judge_engine(cfg) -> RolloutEngine:
         else:
             from srpo_core import runtime
 
-            engine = runtime.build_engine(cfg.override(**{"model.name_or_path": spec}))
+            local = {"rollout.engine": "hf", "rollout.lora_dir": ""} if cfg.rollout.engine == "openai" else {}  # a vLLM server serves the policy, not the judge
+            engine = runtime.build_engine(cfg.override(**{"model.name_or_path": spec, **local}))
         _ENGINES[key] = engine
     return _ENGINES[key]
 

@@ -69,9 +69,10 @@ class RolloutConfig:
     top_p: float = 0.95
     top_k: int = 0  # 0 = no top-k
     stop: str = "</thought>"
-    engine: str = "hf"  # "hf" | "vllm"
+    engine: str = "hf"  # "hf" | "vllm" (in process, or behind our server) | "openai" (a stock `vllm serve` at server_url, srpo_core/engine/openai_api.py)
     scheduler: str = "batched"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py) | auto (events where the engine has a continuous batch)
     server_url: str = ""  # "": each phase step loads the model; "auto": the training starts one local inference server and one learner worker for all its epoch steps; else the URL of a running server
+    lora_dir: str = ""  # engine openai: where phases stage step adapters for the vLLM server (an absolute path both mount; "": a local artifact store is read in place)
     score_unfinished: bool = False  # false (paper): a chain that ends without an answer (finish_reason != "answer") gets reward 0 in training and evaluation; true: its text is scored
 
     def __post_init__(self):
@@ -82,10 +83,17 @@ class RolloutConfig:
         _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _require(self.top_k >= 0, "rollout.top_k", "must be >= 0")
         _require(bool(self.stop), "rollout.stop", "must be a non-empty stop string")
-        _require(self.engine in ("hf", "vllm"), "rollout.engine", "hf|vllm")
+        _require(self.engine in ("hf", "vllm", "openai"), "rollout.engine", "hf|vllm|openai")
         _require(self.scheduler in ("auto", "batched", "events"), "rollout.scheduler", "auto|batched|events")
         _require(self.scheduler != "events" or self.engine == "hf", "rollout.scheduler", "events needs rollout.engine hf (the continuous batch); use auto or batched")
         _require(self.server_url in ("", "auto") or self.server_url.startswith(("http://", "https://")), "rollout.server_url", "empty, 'auto' or an http(s):// URL")
+        _require(
+            self.engine != "openai" or self.server_url.startswith(("http://", "https://")), "rollout.server_url",
+            f"rollout.engine openai talks to a running `vllm serve --enable-lora` through its OpenAI-compatible API: set rollout.server_url to its http(s):// URL "
+            f"(e.g. http://vllm:8000), not {self.server_url!r} ('' and 'auto' start no vLLM server)",
+        )  # fmt: skip
+        _require(self.lora_dir == "" or self.lora_dir.startswith("/"), "rollout.lora_dir", f"must be an absolute path (the vLLM server reads adapters at the same path), got {self.lora_dir!r}")
+        _require(self.lora_dir == "" or self.engine == "openai", "rollout.lora_dir", "is used only with rollout.engine openai (our server and in-process engines read the artifact store)")
 
 
 @dataclass(frozen=True)
@@ -390,6 +398,7 @@ def preset_names() -> list[str]:
 RUNTIME_KEYS = (
     "resources",
     "rollout.server_url",
+    "rollout.lora_dir",
     "train.processes",
     "model.threads",
     "train.share_prefix_forward",

@@ -60,9 +60,9 @@ def prepare(cfg: Config, training_id: str = "", experiment: str = "srpo") -> Pla
     store.check_reachable()
     uri = tracking.check_tracking_reachable()
     if cfg.rollout.server_url not in ("", "auto"):
-        from srpo_core.engine.remote import RemoteEngine
+        from srpo_core.runtime import server_client
 
-        RemoteEngine(cfg.rollout.server_url).check_ready()  # fails fast, naming the URL
+        server_client(cfg, cfg.rollout.server_url).check_ready()  # fails fast, naming the URL (ours, or a vLLM server: rollout.engine openai)
     tid = training_id or identity.training_id(cfg)
     lease = S.acquire_lease(store, tid, S.LeaseHolder.current(**_lease_holder()))  # a second writer is refused here
     last = S.resume_point(store, tid, lease=lease)

@@ -15,6 +15,7 @@ training resumes from the last step whose checkpoint is complete (store.resume_p
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import shutil
@@ -97,25 +98,76 @@ def adapter_hash(ctx: StepContext, step_index: int) -> str:
     key = f"{S.step_prefix(ctx.training_id, step_index)}/{ADAPTER_HASH_FILE}"
     if store.exists(key):
         return store.get_bytes(key).decode().strip()
-    from srpo_core.server.app import adapter_sha256
+    from srpo_core.server.adapters import adapter_sha256
 
     with tempfile.TemporaryDirectory(prefix="srpo-hash-") as tmp:
         return adapter_sha256(download_checkpoint(ctx, step_index, Path(tmp)) / "adapter")
 
 
+def staged_adapter(ctx: StepContext, step_index: int) -> Path:
+    """Where a stock vLLM server (`rollout.engine: openai`) reads checkpoint `step_index`'s adapter:
+    vLLM's `/v1/load_lora_adapter` takes a path on its own filesystem and no hash. With
+    `rollout.lora_dir` the adapter files are fetched from the store, verified against the step's
+    manifest, and renamed into `<lora_dir>/<adapter_name(version, sha256)>` (once: the name stands
+    for one content, a directory of that name holding other content is refused); without it a
+    local artifact store's own adapter directory is used in place (keys are immutable)."""
+    from srpo_core.engine.openai_api import adapter_name
+    from srpo_core.server.adapters import adapter_sha256
+
+    store, sha = open_root(ctx), adapter_hash(ctx, step_index)
+    lora_dir = ctx.cfg.rollout.lora_dir
+    if not lora_dir:
+        if isinstance(store, S.LocalStore):
+            return store.root.joinpath(*S.adapter_key(ctx.training_id, step_index).split("/"))
+        raise ValueError(
+            f"rollout.engine openai with the artifact root {store.uri}: vLLM loads adapters from a local path only; "
+            "set rollout.lora_dir to a directory the phase steps and the vLLM server both mount at the same path"
+        )
+    dest = Path(lora_dir) / adapter_name(adapter_version(step_index), sha)
+    if not dest.is_dir():
+        Path(lora_dir).mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".staging-", dir=lora_dir))
+        try:
+            manifest = S.read_manifest(store, ctx.training_id, step_index)
+            files = [rec for rec in manifest.files if rec.path.startswith("adapter/")]
+            base = S.step_prefix(ctx.training_id, step_index)
+            for rec in files:
+                store.get_file(f"{base}/{rec.path}", work.joinpath(*rec.path.split("/")))
+            S.verify_files(dataclasses.replace(manifest, files=files), work)
+            for path in [work / "adapter", *(work / "adapter").rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)  # the vLLM server may run as another user
+            try:
+                (work / "adapter").rename(dest)
+            except OSError:  # another phase staged it first: checked below like any existing one
+                if not dest.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    held = adapter_sha256(dest)
+    if held != sha:
+        raise S.CheckpointIntegrityError(f"{dest} holds an adapter with sha256 {held[:12]}, not checkpoint {step_index}'s {sha[:12]}: remove it (names in rollout.lora_dir stand for one content)")
+    return dest
+
+
+def adapter_source(ctx: StepContext, step_index: int) -> str:
+    """What the inference server loads checkpoint `step_index`'s adapter from: the store URI for
+    ours, a directory it reads for a stock vLLM server (`staged_adapter`)."""
+    return str(staged_adapter(ctx, step_index)) if ctx.cfg.rollout.engine == "openai" else adapter_uri(ctx, step_index)
+
+
 def load_engine(ctx: StepContext, step_index: int | None = None):
     """The policy of checkpoint `step_index` (default: the parent) behind the engine interface: an
-    inference server pinned to that adapter version, or the configured engine (`rollout.engine`)
-    in this process."""
+    inference server pinned to that adapter version (ours, or a stock vLLM server with
+    `rollout.engine: openai`), or the configured engine (`rollout.engine`) in this process."""
     step_index = ctx.parent_step if step_index is None else step_index
     version = adapter_version(step_index)
     if ctx.server_url:
-        from srpo_core.engine.remote import RemoteEngine
+        from srpo_core.runtime import server_client
 
-        engine = RemoteEngine(ctx.server_url)
+        engine = server_client(ctx.cfg, ctx.server_url)
         engine.check_ready()
         if step_index is not None:  # pinned by version and content hash
-            engine.load_adapter(adapter_uri(ctx, step_index), version, adapter_hash(ctx, step_index))
+            engine.load_adapter(adapter_source(ctx, step_index), version, adapter_hash(ctx, step_index))
         engine.adapter_version = version  # every request pinned to it
         return engine
     from srpo_core.runtime import build_engine
@@ -214,7 +266,7 @@ def learn_here(ctx: StepContext, shard_keys: list[str], lease: str | None = None
         metrics.update(learn(cfg, step.train_sequences(cfg, result.records), parent_dir, out, cfg.train.seed + ctx.step, canary_path=canary))
         cfg.method.spec.finish_records(result.records, checkpoint_dir=out)  # e.g. srppo: credits and P_k from out/critic/
         write_records(out / "rollouts.jsonl", result.records, ctx.step, cfg)
-        from srpo_core.server.app import adapter_sha256
+        from srpo_core.server.adapters import adapter_sha256
 
         (out / ADAPTER_HASH_FILE).write_text(adapter_sha256(out / "adapter") + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
@@ -233,13 +285,13 @@ def sync_server(ctx: StepContext, reference, adapter_dir: Path) -> dict[str, flo
     """Load this step's adapter into the inference server, then the weight-sync canary: the
     server's log-probs of a fixed sequence must match the learner's `reference` (a
     CanaryReference or a Learner), else StaleAdapterError."""
-    from srpo_core.engine.remote import RemoteEngine
-    from srpo_core.server.app import adapter_sha256
+    from srpo_core.runtime import server_client
+    from srpo_core.server.adapters import adapter_sha256
     from srpo_core.server.canary import canary_check
 
     version, sha = adapter_version(ctx.step), adapter_sha256(adapter_dir)
-    server = RemoteEngine(ctx.server_url)
-    server.load_adapter(adapter_uri(ctx, ctx.step), version, sha)
+    server = server_client(ctx.cfg, ctx.server_url)
+    server.load_adapter(adapter_source(ctx, ctx.step), version, sha)
     result = canary_check(server, reference, version, expected_sha256=sha)
     return {"canary/max_abs_diff": float(result.max_abs_diff), "canary/mean_abs_diff": float(result.mean_abs_diff)}
 

@@ -45,8 +45,20 @@ class Session:
         if isinstance(self.engine, HFEngine):  # samples from the learner's own module
             self.engine.adapter_version = version
             return
-        work = Path(tempfile.mkdtemp(prefix=f"srpo-policy-{version}-"))  # vLLM loads the LoRA from disk
+        from srpo_core.engine.openai_api import OpenAIEngine
+
+        # vLLM loads the LoRA from disk; a vLLM server (rollout.engine openai) reads it at this path: rollout.lora_dir when it is elsewhere
+        if self.cfg.rollout.lora_dir:
+            Path(self.cfg.rollout.lora_dir).mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"srpo-policy-{version}-", dir=self.cfg.rollout.lora_dir or None))
         self.learner.save_adapter(work)
+        if isinstance(self.engine, OpenAIEngine):
+            from srpo_core.server.adapters import adapter_sha256
+
+            for path in [work, *work.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)  # the vLLM server may run as another user
+            self.engine.load_adapter(work, version, adapter_sha256(work))
+            return
         self.engine.use_adapter(self.engine.make_lora_request(version, str(work)), version)
 
 

@@ -6,8 +6,11 @@ Contract
     load_model(path, dtype, adapter_dir=None, trainable=False) -> the causal LM (a PeftModel when
         an adapter directory is given), weights-only, evaluation mode unless trainable.
     build_engine(cfg, adapter_dir=None, version=None) -> a RolloutEngine of `rollout.engine`:
-        "hf" (transformers, in this process) or "vllm" (vLLM's offline engine with the adapter as a
-        LoRA request). The caller never branches on the engine name.
+        "hf" (transformers, in this process), "vllm" (vLLM's offline engine with the adapter as a
+        LoRA request) or "openai" (the stock vLLM server at `rollout.server_url`, the adapter
+        loaded there). The caller never branches on the engine name.
+    server_client(cfg, url) -> the client of the inference server at `url` the phases call: ours
+        (`RemoteEngine`), or with `rollout.engine: openai` a stock vLLM server (`OpenAIEngine`).
 """
 
 from __future__ import annotations
@@ -77,8 +80,31 @@ def vllm_options(cfg: "Config"):
     return VLLMOptions(dtype=cfg.model.dtype if cfg.model.dtype != "auto" else "bfloat16", max_model_len=cfg.model.max_model_len, max_lora_rank=cfg.lora.r, seed=cfg.train.seed)
 
 
+def server_client(cfg: "Config", url: str):
+    """The client of the inference server at `url`: `RemoteEngine` (ours: `python -m
+    srpo_core.server`), or with `rollout.engine: openai` an `OpenAIEngine` (a stock `vllm serve`,
+    encoding and decoding with the local tokenizer of `model.name_or_path`). Both offer
+    `check_ready()` and `load_adapter(source, version, sha256)`."""
+    if cfg.rollout.engine == "openai":
+        from srpo_core.engine.openai_api import OpenAIEngine
+
+        return OpenAIEngine(url, load_tokenizer(resolve_model_path(cfg.model.name_or_path)))
+    from srpo_core.engine.remote import RemoteEngine
+
+    return RemoteEngine(url)
+
+
 def build_engine(cfg: "Config", adapter_dir: str | None = None, version: str | None = None) -> "RolloutEngine":
     """The rollout engine `rollout.engine` names, holding the policy base + `adapter_dir`."""
+    if cfg.rollout.engine == "openai":  # the vLLM server reads `adapter_dir` itself: the same path on both machines
+        from srpo_core.server.adapters import adapter_sha256
+
+        engine = server_client(cfg, cfg.rollout.server_url)
+        engine.check_ready()
+        if adapter_dir is not None:
+            engine.load_adapter(adapter_dir, version or "adapter", adapter_sha256(adapter_dir))
+        engine.adapter_version = version
+        return engine
     path = resolve_model_path(cfg.model.name_or_path)
     if cfg.rollout.engine == "vllm":
         from srpo_core.engine.vllm import VLLMEngine

@@ -1,6 +1,9 @@
 """The deployment files in infra/ (no cluster needed): manifests parse and hang together, every
 container runs as non-root with resource limits, RBAC grants exactly what Metaflow's Kubernetes
-client uses, no literal credentials anywhere, the Metaflow config template names real Metaflow
+client uses, the step-Job admission policy (15-step-admission.yaml) is valid for the kubernetes
+client's models and its CEL, evaluated by cel-python (the API server's own evaluator is Go's
+cel-go; these expressions use only core CEL: has(), all(), in, startsWith, size), admits the Job
+Metaflow builds for a step and refuses each forbidden variant, no literal credentials anywhere, the Metaflow config template names real Metaflow
 settings, and the image definitions hold their promises. One slow test runs the MLflow Deployment's
 own command line against a local S3 (moto) to check its arguments, host allow-list and S3 artifacts.
 """
@@ -8,6 +11,7 @@ own command line against a local S3 (moto) to check its arguments, host allow-li
 from __future__ import annotations
 
 import json
+import os
 import re
 import string
 import urllib.error
@@ -23,11 +27,11 @@ K8S = INFRA / "k8s"
 NAMESPACE = "srpo"
 RUNNER_SA = "srpo-runner"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
-# the RBAC the step pods get: exactly this (see infra/k8s/10-rbac.yaml for why each verb)
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+# the RBAC the step pods get: exactly the calls Metaflow's Kubernetes client makes (see infra/k8s/10-rbac.yaml)
 EXPECTED_RULES = {
-    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("batch", "jobs"): {"create", "get", "patch", "delete"},
+    ("", "pods"): {"list"},
 }
 
 
@@ -159,20 +163,23 @@ def test_rbac_is_exactly_what_steps_need():
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RUNNER_SA, "namespace": NAMESPACE}]
 
 
-def test_rbac_covers_every_job_and_pod_call_metaflow_makes():
-    """Scan Metaflow's Kubernetes client for the namespaced Job/Pod API calls it makes: each must be
-    granted, except pods/exec, which is denied on purpose (Metaflow falls back to patching the Job)."""
+def test_rbac_is_exactly_the_job_and_pod_calls_metaflow_makes():
+    """Scan Metaflow's Kubernetes client for its namespaced Job/Pod API calls: the Role grants each
+    and nothing more (no list/watch of Jobs, no get/watch of Pods), except pods/exec, which is
+    denied on purpose (Metaflow falls back to patching the Job)."""
     import metaflow.plugins.kubernetes as mfk
 
     verb_of = {"create": "create", "read": "get", "list": "list", "patch": "patch", "delete": "delete", "replace": "update"}
-    calls = set()
-    for source in Path(mfk.__file__).parent.glob("*.py"):
-        for verb, resource in re.findall(r"\b(create|read|list|patch|delete|replace)_namespaced_(job|pod)\b", source.read_text()):
-            calls.add((verb_of[verb], resource))
-    assert ("create", "job") in calls and ("list", "pod") in calls, f"Metaflow's client changed shape: {calls}"
-    for verb, resource in calls:
-        key = ("batch", "jobs") if resource == "job" else ("", "pods")
-        assert verb in EXPECTED_RULES[key], f"Metaflow calls {verb} on {resource}s, which the Role does not grant"
+    calls, sources = set(), [p.read_text() for p in Path(mfk.__file__).parent.glob("*.py")]
+    for text in sources:
+        for verb, resource, sub in re.findall(r"\b(create|read|list|patch|delete|replace)_namespaced_(job|pod)(\w*)", text):
+            assert sub == "", f"Metaflow calls a {resource} subresource ({verb}_namespaced_{resource}{sub}): grant it in 10-rbac.yaml"
+            calls.add((("batch", "jobs") if resource == "job" else ("", "pods"), verb_of[verb]))
+    assert ("create" in {v for _, v in calls}) and not any("Watch(" in t for t in sources), f"Metaflow's client changed shape: {calls}"
+    needed: dict[tuple[str, str], set[str]] = {}
+    for key, verb in calls:
+        needed.setdefault(key, set()).add(verb)
+    assert needed == EXPECTED_RULES, f"Metaflow calls {needed}, the Role grants {EXPECTED_RULES}"
     exec_calls = re.findall(r"connect_get_namespaced_pod_exec", (Path(mfk.__file__).parent / "kubernetes_job.py").read_text())
     assert exec_calls, "Metaflow no longer uses pods/exec: revisit the comment in 10-rbac.yaml"
 
@@ -288,9 +295,148 @@ def test_inference_server_identity_keys_and_token():
     assert "srpo-s3" not in rendered_metaflow_config()["METAFLOW_KUBERNETES_SECRETS"].split(",")[1:]
 
 
-def test_rbac_residual_is_documented():
-    text = (K8S / "10-rbac.yaml").read_text()
-    assert "Residual" in text and "srpo-mlflow-db" in text
+# --- what a step's Jobs may contain: the ValidatingAdmissionPolicy of 15-step-admission.yaml --------------------
+def admission_docs() -> dict[str, dict]:
+    return {d["kind"]: d for d in load_docs(K8S / "15-step-admission.yaml")}
+
+
+def test_step_admission_policy_is_valid_for_the_kubernetes_client_models():
+    """Each object deserializes into the kubernetes client's model (required fields present) and
+    serializes back unchanged (no misspelled or unknown field silently dropped)."""
+    kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client models (test extra)")
+    api = kubernetes.client.ApiClient()
+
+    class Response:
+        def __init__(self, doc):
+            self.data = json.dumps(doc)
+
+    for kind, model in (("ValidatingAdmissionPolicy", "V1ValidatingAdmissionPolicy"), ("ValidatingAdmissionPolicyBinding", "V1ValidatingAdmissionPolicyBinding"), ("ConfigMap", "V1ConfigMap")):
+        doc = admission_docs()[kind]
+        obj = api.deserialize(Response(doc), model)
+        assert api.sanitize_for_serialization(obj) == doc, f"{kind}: fields the {model} model does not know"
+
+
+def test_step_admission_policy_covers_what_the_step_account_can_create():
+    docs = admission_docs()
+    policy, binding, params = docs["ValidatingAdmissionPolicy"]["spec"], docs["ValidatingAdmissionPolicyBinding"]["spec"], docs["ConfigMap"]
+    assert docs["ValidatingAdmissionPolicy"]["apiVersion"] == "admissionregistration.k8s.io/v1" and policy["failurePolicy"] == "Fail"
+    # every object srpo-runner may create (RBAC) is matched, on CREATE, in the namespace, for that account only
+    creatable = {(group, resource) for group_resource, verbs in EXPECTED_RULES.items() for group, resource in [group_resource] if "create" in verbs}
+    matched = {(g, r) for rule in policy["matchConstraints"]["resourceRules"] for g in rule["apiGroups"] for r in rule["resources"] if "CREATE" in rule["operations"]}
+    assert creatable == matched == {("batch", "jobs")}
+    assert [c["expression"] for c in policy["matchConditions"]] == [f"request.userInfo.username == 'system:serviceaccount:{NAMESPACE}:{RUNNER_SA}'"]
+    assert binding["policyName"] == docs["ValidatingAdmissionPolicy"]["metadata"]["name"] and binding["validationActions"] == ["Deny"]
+    assert binding["matchResources"]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NAMESPACE}
+    assert binding["paramRef"] == {"name": params["metadata"]["name"], "namespace": NAMESPACE, "parameterNotFoundAction": "Deny"}
+    # the allow-lists are what the Metaflow config gives the steps
+    config = rendered_metaflow_config()
+    variables = {v["name"]: v["expression"] for v in policy["variables"]}
+    assert sorted(json.loads(variables["allowedSecrets"].replace("'", '"'))) == sorted(config["METAFLOW_KUBERNETES_SECRETS"].split(","))
+    assert json.loads(variables["allowedClaims"].replace("'", '"')) == list(json.loads(config["METAFLOW_KUBERNETES_PERSISTENT_VOLUME_CLAIMS"]))
+    images = {c["image"].rsplit(":", 1)[0] for _, _, spec in workloads() for c in containers_of(spec) if c["image"].rsplit("/", 1)[-1].startswith("srpo:")}
+    assert images == {params["data"]["image"]}, "the ConfigMap names the repository of the srpo image the manifests run"
+    assert "srpo-mlflow-db" not in variables["allowedSecrets"] and "srpo-postgres-data" not in variables["allowedClaims"]
+    assert "15-step-admission.yaml" in (K8S / "10-rbac.yaml").read_text() and "Residual" not in (K8S / "10-rbac.yaml").read_text()
+
+
+IMAGE = "ghcr.io/srpo/srpo:0.1.0-cuda"
+
+
+def metaflow_step_job(**overrides) -> dict:
+    """The Job Metaflow's own KubernetesJob builds for a step with this repository's Metaflow config
+    (Secrets, service account, model volume, shared memory, labels), as the API server receives it."""
+    kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client models (test extra)")
+    from metaflow.plugins.kubernetes.kubernetes_job import KubernetesJob
+
+    config = rendered_metaflow_config(SRPO_IMAGE=IMAGE)
+
+    class Client:
+        def get(self):
+            return kubernetes.client
+
+    kwargs = dict(
+        use_tmpfs=False, tmpfs_size=None, tmpfs_path="/metaflow_temp", shared_memory=config["METAFLOW_KUBERNETES_SHARED_MEMORY"], qos="Burstable",
+        cpu="4", memory="16384", disk="10240", extended_resources={}, security_context=None, retries=0, completions=1, annotations={"metaflow/step_name": "generate"},
+        labels=dict(kv.split("=", 1) for kv in config["METAFLOW_KUBERNETES_LABELS"].split(",")), namespace=config["METAFLOW_KUBERNETES_NAMESPACE"],
+        timeout_in_seconds=7200, command=["bash", "-c", "python flows/srpo_step_flow.py step generate"], port=None, environment_variables={"METAFLOW_CODE_URL": "s3://b/c"},
+        secrets=config["METAFLOW_KUBERNETES_SECRETS"].split(","), image=config["METAFLOW_KUBERNETES_CONTAINER_IMAGE"], image_pull_policy="IfNotPresent",
+        step_name="generate", gpu_vendor="nvidia", gpu="1", persistent_volume_claims=json.loads(config["METAFLOW_KUBERNETES_PERSISTENT_VOLUME_CLAIMS"]),
+        node_selector=None, image_pull_secrets=None, service_account=config["METAFLOW_KUBERNETES_SERVICE_ACCOUNT"],
+        tolerations=json.loads(config["METAFLOW_KUBERNETES_TOLERATIONS"]), generate_name="t-generate-",
+    )  # fmt: skip
+    kwargs.update(overrides)
+    job = KubernetesJob(Client(), **kwargs).create()._job
+    return kubernetes.client.ApiClient().sanitize_for_serialization(job)
+
+
+def admission_verdict(job: dict, username: str = f"system:serviceaccount:{NAMESPACE}:{RUNNER_SA}") -> list[str]:
+    """The messages of the policy's failing validations for `job` (empty: admitted), the policy's
+    own CEL (match condition, variables in order, validations) evaluated by cel-python."""
+    if os.environ.get("CI"):  # installed with the test extra: CI fails rather than skips without it
+        import celpy
+    else:
+        celpy = pytest.importorskip("celpy", reason="cel-python evaluates the policy's CEL (test extra: pip install -e '.[test]')")
+    docs = admission_docs()
+    spec = docs["ValidatingAdmissionPolicy"]["spec"]
+    env = celpy.Environment()
+    run = lambda expr, act: env.program(env.compile(expr)).evaluate(act)
+    act = {"object": celpy.json_to_cel(job), "params": celpy.json_to_cel(docs["ConfigMap"]), "request": celpy.json_to_cel({"userInfo": {"username": username}})}
+    if not all(bool(run(c["expression"], act)) for c in spec["matchConditions"]):
+        return []
+    variables: dict = {}
+    for var in spec["variables"]:
+        variables[var["name"]] = run(var["expression"], {**act, "variables": celpy.celtypes.MapType({celpy.celtypes.StringType(k): v for k, v in variables.items()})})
+    act["variables"] = celpy.celtypes.MapType({celpy.celtypes.StringType(k): v for k, v in variables.items()})
+    failed = []
+    for rule in spec["validations"]:
+        result = run(rule["expression"], act)
+        assert isinstance(result, celpy.celtypes.BoolType), f"{rule['expression']}: {result!r} (an evaluation error fails the request: failurePolicy Fail)"
+        if not result:
+            failed.append(rule["message"])
+    return failed
+
+
+def edit(job: dict, change) -> dict:
+    job = json.loads(json.dumps(job))
+    change(job["spec"]["template"]["spec"])
+    return job
+
+
+FORBIDDEN = {
+    "a volume of the database Secret": (lambda p: p.setdefault("volumes", []).append({"name": "db", "secret": {"secretName": "srpo-mlflow-db"}}), "mounts only the step Secrets"),
+    "a projected database Secret": (lambda p: p.setdefault("volumes", []).append({"name": "db", "projected": {"sources": [{"secret": {"name": "srpo-mlflow-db"}}]}}), "projects only"),
+    "envFrom the database Secret": (lambda p: p["containers"][0]["envFrom"].append({"secretRef": {"name": "srpo-mlflow-db"}}), "environment (envFrom)"),
+    "a secretKeyRef into it": (lambda p: p["containers"][0]["env"].append({"name": "PW", "valueFrom": {"secretKeyRef": {"name": "srpo-mlflow-db", "key": "POSTGRES_PASSWORD"}}}), "secretKeyRef"),
+    "an init container reading it": (lambda p: p.setdefault("initContainers", []).append({"name": "i", "image": IMAGE, "envFrom": [{"secretRef": {"name": "srpo-mlflow-db"}}]}), "(envFrom)"),
+    "the database's volume claim": (lambda p: p["volumes"].append({"name": "pg", "persistentVolumeClaim": {"claimName": "srpo-postgres-data"}}), "only the srpo-models volume claim"),
+    "a hostPath": (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "no hostPath"),
+    "another image": (lambda p: p["containers"][0].update(image="docker.io/library/postgres:16"), "srpo image only"),
+    "a look-alike repository": (lambda p: p["containers"][0].update(image="ghcr.io/srpo/srpo-evil:1"), "srpo image only"),
+    "another service account": (lambda p: p.update(serviceAccountName="default"), "service account srpo-runner"),
+    "root by uid": (lambda p: p["containers"][0].update(securityContext={"runAsUser": 0}), "does not run as root"),
+    "root by pod securityContext": (lambda p: p.update(securityContext={"runAsNonRoot": False}), "does not run as root"),
+    "privileged": (lambda p: p["containers"][0].update(securityContext={"privileged": True}), "privileged"),
+    "an added capability": (lambda p: p["containers"][0].update(securityContext={"capabilities": {"add": ["SYS_ADMIN"]}}), "added capabilities"),
+    "the host network": (lambda p: p.update(hostNetwork=True), "no host namespaces"),
+}
+
+
+def test_the_job_metaflow_builds_for_a_step_is_admitted():
+    job = metaflow_step_job()
+    pod = job["spec"]["template"]["spec"]
+    assert {e["secretRef"]["name"] for e in pod["containers"][0]["envFrom"]} == set(rendered_metaflow_config()["METAFLOW_KUBERNETES_SECRETS"].split(","))
+    assert {v["name"] for v in pod["volumes"]} == {"dhsm", "srpo-models"} and pod["serviceAccountName"] == RUNNER_SA
+    assert admission_verdict(job) == []
+    assert admission_verdict(metaflow_step_job(use_tmpfs=True, tmpfs_size=1024, security_context={"run_as_non_root": True, "run_as_user": 10001})) == []
+
+
+@pytest.mark.parametrize("name", sorted(FORBIDDEN))
+def test_a_job_from_the_step_account_is_refused(name):
+    change, message = FORBIDDEN[name]
+    job = edit(metaflow_step_job(), change)
+    failed = admission_verdict(job)
+    assert failed and any(message in m for m in failed), f"{name}: {failed}"
+    assert admission_verdict(job, username="kubernetes-admin") == [], "only the step account's requests are matched"
 
 
 # --- no literal credentials -------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+BOXED = "\\boxed{"  # a thought containing it ends the chain ("answer")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -105,3 +107,61 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def teacher_force(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[TokenScores]:
         """Score given responses: per-token log-probs and the greedy choice at each position."""
+
+
+class TokenizerText:
+    """`encode` / `decode` / `encode_chat` over a Hugging Face tokenizer held in `self.tokenizer`:
+    the engines whose model runs elsewhere (vLLM in process, a vLLM server over its OpenAI API)
+    decode exactly as the HF engine does (special tokens skipped, no space clean-up)."""
+
+    tokenizer = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def encode_chat(self, text: str) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return self.encode(text)
+
+
+class ThoughtChains:
+    """Per-row thought bookkeeping of the chain-end rules above (python lists; touched only at
+    thought ends, which are rare next to tokens). Every engine ends chains by this one class; it
+    needs only `engine.decode`."""
+
+    def __init__(self, engine: "RolloutEngine", limits: ThoughtLimits, ctx_lens: list[int], prefixes: list[list[int]], prefix_spans: list[list[tuple[int, int]]]):
+        self.engine, self.limits = engine, limits
+        self.ctx_lens = ctx_lens  # prompt + prefix
+        self.prefixes = prefixes
+        self.spans = [list(s) for s in prefix_spans]
+        self.thought_start = [len(p) for p in prefixes]  # response index where the open thought starts
+        self.finish: list[str | None] = [None] * len(prefixes)
+        for row in range(len(prefixes)):
+            self.finish[row] = self._pre_thought_check(row, len(prefixes[row]))
+
+    def _pre_thought_check(self, row: int, resp_len: int) -> str | None:
+        lim = self.limits
+        if len(self.spans[row]) >= lim.max_thoughts:
+            return "max_thoughts"
+        if resp_len + lim.max_thought_tokens > lim.max_response_tokens:
+            return "max_response"
+        if self.ctx_lens[row] - len(self.prefixes[row]) + resp_len + lim.max_thought_tokens > lim.max_model_len:
+            return "max_model_len"
+        return None
+
+    def thought_text(self, row: int, generated: list[int], end: int) -> str:
+        """The open thought's text: response[thought_start:end], response = prefix + generated."""
+        prefix, start = self.prefixes[row], self.thought_start[row]
+        ids = generated[start - len(prefix) : end - len(prefix)] if start >= len(prefix) else prefix[start:] + generated[: end - len(prefix)]
+        return self.engine.decode(ids)
+
+    def end_thought(self, row: int, generated: list[int], end: int, text: str | None = None) -> None:
+        text = self.thought_text(row, generated, end) if text is None else text
+        self.spans[row].append((self.thought_start[row], end))
+        self.thought_start[row] = end
+        self.finish[row] = "answer" if BOXED in text else self._pre_thought_check(row, end)

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 
 from srpo_core import algos
 from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtLimits, ThoughtRequest, TokenScores
-
-BOXED = "\\boxed{"
+from srpo_core.engine.base import ThoughtChains as _Chains
 
 
 def _cache_of(out):
@@ -110,43 +109,6 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, uniforms: torc
     last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), 0).amax(-1)
     tok = torch.minimum(tok, last)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
-
-
-class _Chains:
-    """Per-row thought bookkeeping for one decode call (python lists; touched only at thought
-    ends, which are rare next to tokens)."""
-
-    def __init__(self, engine: "HFEngine", limits: ThoughtLimits, ctx_lens: list[int], prefixes: list[list[int]], prefix_spans: list[list[tuple[int, int]]]):
-        self.engine, self.limits = engine, limits
-        self.ctx_lens = ctx_lens  # prompt + prefix
-        self.prefixes = prefixes
-        self.spans = [list(s) for s in prefix_spans]
-        self.thought_start = [len(p) for p in prefixes]  # response index where the open thought starts
-        self.finish: list[str | None] = [None] * len(prefixes)
-        for row in range(len(prefixes)):
-            self.finish[row] = self._pre_thought_check(row, len(prefixes[row]))
-
-    def _pre_thought_check(self, row: int, resp_len: int) -> str | None:
-        lim = self.limits
-        if len(self.spans[row]) >= lim.max_thoughts:
-            return "max_thoughts"
-        if resp_len + lim.max_thought_tokens > lim.max_response_tokens:
-            return "max_response"
-        if self.ctx_lens[row] - len(self.prefixes[row]) + resp_len + lim.max_thought_tokens > lim.max_model_len:
-            return "max_model_len"
-        return None
-
-    def thought_text(self, row: int, generated: list[int], end: int) -> str:
-        """The open thought's text: response[thought_start:end], response = prefix + generated."""
-        prefix, start = self.prefixes[row], self.thought_start[row]
-        ids = generated[start - len(prefix) : end - len(prefix)] if start >= len(prefix) else prefix[start:] + generated[: end - len(prefix)]
-        return self.engine.decode(ids)
-
-    def end_thought(self, row: int, generated: list[int], end: int, text: str | None = None) -> None:
-        text = self.thought_text(row, generated, end) if text is None else text
-        self.spans[row].append((self.thought_start[row], end))
-        self.thought_start[row] = end
-        self.finish[row] = "answer" if BOXED in text else self._pre_thought_check(row, end)
 
 
 # ---- the continuous batch ----------------------------------------------------------------------

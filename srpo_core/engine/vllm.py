@@ -26,7 +26,7 @@ cache hit (generated blocks are cached too), so each call prefills only the last
 (< block_size tokens) and decodes the new thought. The first thought of a request samples its `n`
 chains as one vLLM request with `n=G` (the prompt + reset prefix is prefilled once for the G
 suffixes); afterwards the chains diverge and each is its own `n=1` request, all live chains of a
-round batched into one `generate` call. The chain bookkeeping is `engine.hf._Chains`, shared with
+round batched into one `generate` call. The chain bookkeeping is `engine.base.ThoughtChains`, shared with
 the Hugging Face engine, so both engines end chains by the same code.
 
 Stop strings: `include_stop_str_in_output=True` keeps `</thought>` in the thought; the token ids
@@ -61,7 +61,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
-from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtLimits, ThoughtRequest, TokenScores
+from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtChains, ThoughtLimits, ThoughtRequest, TokenizerText, TokenScores
 
 INSTALL_HINT = "the vLLM engine needs the `vllm` package and a CUDA GPU: pip install -e '.[vllm]'"
 
@@ -127,7 +127,7 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 1024)  # room for vLLM's seed + child index
 
 
-class VLLMEngine(RolloutEngine):
+class VLLMEngine(TokenizerText, RolloutEngine):
     def __init__(self, model_path: str | None = None, options: VLLMOptions | None = None, *, llm=None, api=None, tokenizer=None, adapter_version: str | None = None):
         self.api = api if api is not None else vllm_api()
         self.options = options or VLLMOptions()
@@ -166,19 +166,6 @@ class VLLMEngine(RolloutEngine):
             except Exception:  # not loaded (never used): nothing to free
                 pass
 
-    # ---- text ----------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def encode_chat(self, text: str) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None):
-            out = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-        return self.encode(text)
-
     # ---- vLLM calls ------------------------------------------------------------------------------
     def _params(self, sampling: SamplingParams, n: int, seed: int, max_tokens: int, stop: str | None):
         kw: dict[str, Any] = {
@@ -214,11 +201,9 @@ class VLLMEngine(RolloutEngine):
 
     # ---- RolloutEngine -----------------------------------------------------------------------------
     def generate_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams) -> list[list[Rollout]]:
-        from srpo_core.engine.hf import _Chains  # the HF engine's chain-end bookkeeping (needs only .decode)
-
         rows_req = [i for i, r in enumerate(requests) for _ in range(r.n)]
         rows_chain = [j for r in requests for j in range(r.n)]
-        chains = _Chains(
+        chains = ThoughtChains(
             self,
             limits,
             [len(requests[i].prompt_ids) + len(requests[i].prefix_ids) for i in rows_req],

@@ -22,7 +22,7 @@ def __getattr__(name: str):
 
         return getattr(canary, name)
     if name == "adapter_sha256":
-        from srpo_core.server.app import adapter_sha256
+        from srpo_core.server.adapters import adapter_sha256
 
         return adapter_sha256
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

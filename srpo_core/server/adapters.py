@@ -44,6 +44,27 @@ class AdapterRefused(Exception):
         self.status = status
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a PEFT adapter directory (config + weights), the same on both ends of a
+    weight sync: the learner's saved dir and the server's downloaded copy."""
+    root = Path(path)
+    h = hashlib.sha256()
+    found = False
+    for name in ADAPTER_FILES:
+        f = root / name
+        if f.is_file():
+            found = True
+            h.update(name.encode() + b"\0")
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    if not found:
+        raise FileNotFoundError(f"{root} holds no PEFT adapter ({' / '.join(ADAPTER_FILES)})")
+    return h.hexdigest()
+
 @dataclass(frozen=True)
 class FetchLimits:
     max_bytes: int = 2 << 30  # LoRA r=64 on every linear layer of a 14B model is ~0.55 GB in bf16, ~1.1 GB in fp32

@@ -47,7 +47,6 @@ import abc
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import http
 import ipaddress
@@ -81,11 +80,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from srpo_core.engine.base import SamplingParams, ThoughtLimits, ThoughtRequest
 from srpo_core.server import protocol as P
-from srpo_core.server.adapters import AdapterRefused, AdapterSource, FetchLimits
+from srpo_core.server.adapters import ADAPTER_FILES, AdapterRefused, AdapterSource, FetchLimits, adapter_sha256  # noqa: F401 (ADAPTER_FILES, adapter_sha256: re-exported)
 
 log = logging.getLogger("srpo.server")
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 TOKEN_ENV = "SRPO_SERVER_TOKEN"
 MIN_TOKEN_CHARS = 16
 OPEN_PATHS = ("/health", "/ready")  # answered without a token (probes); /ready then says only ready or not
@@ -145,25 +143,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def adapter_sha256(path: str | os.PathLike) -> str:
-    """Content hash of a PEFT adapter directory (config + weights), the same on both ends of a
-    weight sync: the learner's saved dir and the server's downloaded copy."""
-    root = Path(path)
-    h = hashlib.sha256()
-    found = False
-    for name in ADAPTER_FILES:
-        f = root / name
-        if f.is_file():
-            found = True
-            h.update(name.encode() + b"\0")
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    if not found:
-        raise FileNotFoundError(f"{root} holds no PEFT adapter ({' / '.join(ADAPTER_FILES)})")
-    return h.hexdigest()
 
 
 # ---- backends ---------------------------------------------------------------------------------------

@@ -116,9 +116,11 @@ def canary_reference(learner) -> CanaryReference:
 def canary_check(server_engine, learner, version: str, tol: float | None = None, *, mean_tol: float | None = None, expected_sha256: str | None = None) -> CanaryResult:
     """Compare the server's log-probs for a fixed sequence (under `version`) with the learner's.
 
-    `server_engine`: a RemoteEngine (or any RolloutEngine; a RemoteEngine is copied and pinned to
-    `version`, the caller's object is not changed). `learner`: a `Learner`, a `CanaryReference`, or a
+    `server_engine`: a RemoteEngine or an OpenAIEngine (a stock vLLM server), copied and pinned to
+    `version` (and to `expected_sha256`: our server checks the hash, a vLLM server serves the
+    adapter under a name holding it), the caller's object is not changed; or any RolloutEngine. `learner`: a `Learner`, a `CanaryReference`, or a
     RolloutEngine used as the reference. Raises StaleAdapterError on a mismatch; returns the measured diffs."""
+    from srpo_core.engine.openai_api import OpenAIEngine, adapter_name
     from srpo_core.engine.remote import AdapterVersionError, RemoteEngine
 
     t0 = time.perf_counter()
@@ -139,6 +141,16 @@ def canary_check(server_engine, learner, version: str, tol: float | None = None,
                     raise StaleAdapterError(
                         f"weight-sync canary: server {eng.url} holds {version!r} with sha256 {str(held.get(version))[:12]}, the learner's adapter is {expected_sha256[:12]}", version
                     )
+            served = eng.teacher_force([prompt_ids], [response_ids], 1.0)[0]
+        except AdapterVersionError as exc:
+            raise StaleAdapterError(f"weight-sync canary: {exc}", version) from exc
+    elif isinstance(server_engine, OpenAIEngine) and expected_sha256 is not None:
+        eng = copy.copy(server_engine)
+        name = adapter_name(version, expected_sha256)
+        if name not in eng.adapters():
+            raise StaleAdapterError(f"weight-sync canary: vLLM server {eng.url} does not serve {name!r} (the learner's adapter {expected_sha256[:12]} as {version!r})", version)
+        eng.served_model, eng.adapter_version, eng.adapter_sha256 = name, version, expected_sha256
+        try:
             served = eng.teacher_force([prompt_ids], [response_ids], 1.0)[0]
         except AdapterVersionError as exc:
             raise StaleAdapterError(f"weight-sync canary: {exc}", version) from exc
