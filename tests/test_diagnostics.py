@@ -226,6 +226,13 @@ def test_wilson_interval_matches_published_values():
     assert audit.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert audit.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert all(math.isnan(x) for x in audit.wilson(0, 0))
+    # the interval holds its own estimate: at k = 0 and k = n the bound meets it exactly (no rounding
+    # past it, which made the audit figure's error bars negative at 0/48)
+    for n in range(1, 120):
+        for k in range(n + 1):
+            lo, hi = audit.wilson(k, n)
+            assert lo <= k / n <= hi
+        assert audit.wilson(0, n)[0] == 0.0 and audit.wilson(n, n)[1] == 1.0
 
 
 def test_eff5_counts_only_meaningful_thoughts_before_each_step():

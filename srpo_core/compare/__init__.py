@@ -4,6 +4,7 @@ x seeds on one preset, evaluate on a benchmark suite, and write the paper's tabl
     srpo compare --config tiny --seeds 0 1 --benchmarks commonsenseqa --eval-items 50 --out runs/compare
     srpo compare --config tiny --methods srpo --localizers self oracle divergence --seeds 0 42 420
     srpo compare --config paper --set model.name_or_path=/models/Qwen2.5-14B-Instruct   # GPU
+    srpo compare --preset fidelity   # an experiment design (compare/experiment.py): arms, seeds, claims -> docs/fidelity.md
 
 How it runs
     Every (method, split, localizer, seed) is one training, :func:`run_training`, with the plain
@@ -127,11 +128,14 @@ def run_comparison(plan: ComparisonPlan, progress: bool = True):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="train and evaluate grpo/rrpo/srpo x seeds; paper tables 3 and 7/8, curves, MLflow")
-    p.add_argument("--config", default="tiny", help="preset name (tiny, paper, paper_olmo) or a YAML file")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--preset", help="run the experiment this preset defines (compare/experiment.py: fidelity): its arms, seeds, steps, report and figures")
+    p.add_argument("--report", help="with --preset: the report's path (default: the design's, docs/<preset>.md); its figures go to the folder of the same stem")
+    p.add_argument("--report-from", metavar="DIR", help="with --preset: write the report from a finished run's --out DIR, no training")
+    p.add_argument("--config", help="preset name (tiny, paper, paper_olmo) or a YAML file (default: tiny)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="methods to compare (default: every registered one; with --preset: the arms of these methods)")
     p.add_argument("--splits", nargs="+", choices=SPLITS, help="reset splits for rrpo/srpo (default: the config's)")
     p.add_argument("--localizers", nargs="+", choices=[loc for loc in LOCALIZERS if loc != "random"], help="srpo localizers (default: the config's, else self)")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(PAPER_SEEDS), help="training seeds (default: the paper's 0 42 420)")
+    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default: the paper's 0 42 420; with --preset: the design's)")
     p.add_argument("--steps", type=int, help="training steps per run (default: train.max_steps, else all of train.epochs)")
     p.add_argument("--benchmarks", nargs="+", default=[], metavar="NAME[:N]", help="evaluate on these too, besides eval.benchmarks (task or benchmark names; :N = items for that one)")
     p.add_argument("--eval-items", type=int, help="items per benchmark without :N (default: eval.items_per_benchmark)")
@@ -141,7 +145,7 @@ def register(subparsers) -> None:
     p.add_argument("--budget", choices=BUDGETS, default="equal", help="rollouts per step: equal (default: the config's method's for every method; fewer per prompt -> more prompts) or config")
     p.add_argument("--long-prompts", choices=("truncate", "skip", "error"), default="truncate", help="prompts over rollout.max_prompt_tokens (default: truncate, counted)")
     p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", help="override dotted config keys (several per flag, or repeat the flag)")
-    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.add_argument("--out", help="output directory (default: runs/compare; with --preset: runs/<preset>)")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="write the files only")
@@ -153,6 +157,15 @@ def register(subparsers) -> None:
 def _main(args: argparse.Namespace) -> int:
     from srpo_core import tracking
     from srpo_core.config import load_config, parse_overrides
+
+    if args.preset:
+        from srpo_core.compare.experiment import main as run_experiment
+
+        return run_experiment(args)
+    if args.report or args.report_from:
+        raise SystemExit("--report and --report-from go with --preset")
+    args.config, args.out = args.config or "tiny", args.out or "runs/compare"
+    args.methods, args.seeds = args.methods or list(METHODS), args.seeds or list(PAPER_SEEDS)
 
     if args.threads > 0:
         import torch

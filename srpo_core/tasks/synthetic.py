@@ -24,6 +24,7 @@ questions); `LONG_CHAINS` is the `synthetic_long` task of the fidelity preset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import re
@@ -158,7 +159,13 @@ def make_split(split: str, n: int, seed: int = 0, spec: ChainSpec = DEFAULT_CHAI
     """Seeded, disjoint train/test splits: test questions never appear in train.
 
     The test split is the first `TEST_POOL` distinct questions of the seeded stream, the train split
-    the next ones; a spec whose questions are too few to fill the pool fails instead of looping."""
+    the next ones; a spec whose questions are too few to fill the pool fails instead of looping.
+    Memoized per process (a pure function; every training and evaluation asks again)."""
+    return list(_make_split(split, n, seed, spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_split(split: str, n: int, seed: int, spec: ChainSpec) -> tuple[Problem, ...]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if split == "test" and n > TEST_POOL:
@@ -178,7 +185,7 @@ def make_split(split: str, n: int, seed: int = 0, spec: ChainSpec = DEFAULT_CHAI
             seen.add(p.question)
             test.append(Problem(f"test-{len(test)}", p.question, p.answer))
     if split == "test":
-        return test[:n]
+        return tuple(test[:n])
     attempts = 0
     while len(out) < n:
         attempts += 1
@@ -188,7 +195,7 @@ def make_split(split: str, n: int, seed: int = 0, spec: ChainSpec = DEFAULT_CHAI
         if p.question not in seen:
             seen.add(p.question)
             out.append(Problem(f"train-{len(out)}", p.question, p.answer))
-    return out
+    return tuple(out)
 
 
 def solution_thoughts(problem: Problem) -> list[str]:
