@@ -13,9 +13,10 @@ figures in the folder of the same stem (docs/<name>/), and logged to the parent 
     srpo compare --preset fidelity --seeds 0 1 --steps 2 --methods grpo rrpo srpo --report /tmp/f.md
     srpo compare --preset fidelity --report-from runs/fidelity    # rewrite the report, no training
 
-The rollout budget is the methods' own config (each method's preset values; `plan_options` of a
-design is passed to compare.plan.plan_comparison, the hook for an equal-budget option); the
-report shows every arm's rollouts per step and flags budgets that differ from the reference arm's.
+The rollout budget is `srpo compare --budget` (default `equal`: every arm samples the preset's
+rollouts per step, compare.plan.equal_budget; `plan_options` of a design is passed on to
+compare.plan.plan_comparison too); the report shows every arm's rollouts per step and flags budgets
+that differ from the reference arm's.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ def plan_experiment(design: ExperimentDesign, cfg: Config, arms: list[Arm], *, o
     plan, the arms with their labels filled in, and each training id's arm key."""
     cid = comparison_id or f"{design.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     specs, labels, out_arms, benchmarks, arm_of = [], [], [], [], {}
+    budget = {}
     for arm in arms:
         try:
             arm_cfg = cfg.override(**dict(arm.set)) if arm.set else cfg
@@ -219,10 +221,11 @@ def plan_experiment(design: ExperimentDesign, cfg: Config, arms: list[Arm], *, o
         specs += sub.specs
         labels.append(label)
         benchmarks = sub.benchmarks
+        budget = {"budget": sub.budget, "reference_rollouts": sub.reference_rollouts}
         out_arms.append(replace(arm, label=label))
     if len(set(labels)) != len(labels):
         raise ConfigError(f"experiment {design.name}: two arms share a label: {labels}")
-    return ComparisonPlan(cid, cfg.to_dict(), benchmarks, labels, specs, str(out_dir)), out_arms, arm_of
+    return ComparisonPlan(cid, cfg.to_dict(), benchmarks, labels, specs, str(out_dir), **budget), out_arms, arm_of
 
 
 # ---- provenance ----------------------------------------------------------------------------------------
@@ -322,7 +325,9 @@ def main(args) -> int:
         samples=args.samples,
         ks=args.pass_k,
         progress=not args.quiet,
+        budget=args.budget,
     )
+    print("\n".join(plan.budget_lines()))
     if not args.no_mlflow:
         from srpo_core.compare.report import open_parent_run
 
