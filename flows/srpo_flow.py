@@ -1,7 +1,7 @@
 """Train and evaluate with SRPO, RRPO or GRPO. Each epoch step runs as its own Metaflow run of
 flows/srpo_step_flow.py; this flow prepares, launches them in order, and reports.
 
-    python flows/srpo_flow.py run                                   # the tiny preset, CPU, minutes
+    python flows/srpo_flow.py run                                   # the demo preset (GRPO on long chains), CPU, minutes
     SRPO_CONFIG=paper python flows/srpo_flow.py run --with kubernetes
     python flows/srpo_flow.py run --method grpo --seed 42 --set "eval.every_steps=2"
     python flows/srpo_flow.py run --training-id ID                  # resume a killed training

@@ -447,14 +447,41 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a preset by name or a YAML file, then apply dotted overrides."""
-    path = resolve_config_path(name_or_path)
-    text = path.read_text(encoding="utf-8")
+def _merged(base: dict, top: dict) -> dict:
+    """`top` over `base`, section by section (nested mappings merged, every other value replaced)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_data(text: str, where: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config YAML's mapping, with `extends: <preset or file>` resolved: the named config's
+    mapping with this one's keys over it (nested sections merged key by key; `name` is this one's)."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a config is a mapping of sections, got {type(data).__name__}")
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{where}: extends: a preset name or a YAML file, got {base_name!r}")
+    base_path = resolve_config_path(base_name).resolve()
+    if base_path in _chain:
+        raise ConfigError(f"{where}: extends {base_name!r} loops back: {' -> '.join(p.stem for p in (*_chain, base_path))}")
+    base = read_config_data(base_path.read_text(encoding="utf-8"), base_path, (*_chain, base_path))
+    base.pop("name", None)
+    return _merged(base, data)
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a preset by name or a YAML file (`extends:` resolved), then apply dotted overrides."""
+    path = resolve_config_path(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    data = read_config_data(text, path, (path.resolve(),))
     data.setdefault("name", path.stem)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value, Config)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 
-import yaml
-
-from srpo_core.config import ConfigError, from_dict
+from srpo_core.config import ConfigError, from_dict, read_config_data
 
 PHASES = ("generation", "localization", "suffix", "learner", "evaluation", "verification")
 DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120, "shared_memory": None}  # shared_memory: MB of /dev/shm (Kubernetes)
@@ -16,7 +14,7 @@ DEFAULT_RESOURCES = {"cpu": 1, "gpu": 0, "memory": 4096, "timeout_minutes": 120,
 
 def parse_config(text: str) -> dict:
     """Metaflow Config parser: YAML -> validated Config -> dict with every phase's resources."""
-    data = yaml.safe_load(text) or {}
+    data = read_config_data(text, "--config")
     cfg = from_dict(data)
     out = cfg.to_dict()
     res = dict(cfg.resources)
@@ -29,10 +27,10 @@ def parse_config(text: str) -> dict:
 
 
 def default_config_path(_ctx=None) -> str:
-    """`SRPO_CONFIG` (a preset name or a YAML file), default the `tiny` preset."""
+    """`SRPO_CONFIG` (a preset name or a YAML file), default the `demo` preset (the main job)."""
     from srpo_core.config import resolve_config_path
 
-    name = os.environ.get("SRPO_CONFIG", "tiny")
+    name = os.environ.get("SRPO_CONFIG", "demo")
     try:
         return str(resolve_config_path(name))
     except ConfigError as exc:

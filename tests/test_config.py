@@ -99,3 +99,36 @@ def test_set_overrides_read_numbers_as_a_user_writes_them():
 
     assert parse_overrides(["optim.lr=1e-3", "train.seed=2", "model.name_or_path=x1e3", "optim.lr=1.5E+2"]) == {"optim.lr": 150.0, "train.seed": 2, "model.name_or_path": "x1e3"}
     assert load_config("tiny", parse_overrides(["optim.lr=1e-3"])).optim.lr == 1e-3
+
+
+def test_extends_merges_sections_key_by_key_and_names_the_child(tmp_path):
+    base = load_config("fidelity")
+    child = tmp_path / "mine.yaml"
+    child.write_text("extends: fidelity\noptim:\n  lr: 2.0e-4\neval:\n  every_steps: 3\n")
+    cfg = load_config(str(child))
+    assert cfg.name == "mine" and cfg.optim.lr == 2e-4 and cfg.eval.every_steps == 3
+    # every other key of the touched sections, and every untouched section, is the base's
+    assert cfg.optim.weight_decay == base.optim.weight_decay and cfg.eval.items_per_benchmark == base.eval.items_per_benchmark
+    assert cfg.model == base.model and cfg.data == base.data and cfg.train == base.train
+
+
+def test_the_main_jobs_demo_preset_is_the_fidelity_regime_with_grpo():
+    demo, fidelity = load_config("demo"), load_config("fidelity")
+    assert demo.method.method == "grpo" and demo.optim.lr == 1e-3 and demo.eval.every_steps == 6
+    assert (demo.model, demo.data, demo.train, demo.rollout) == (fidelity.model, fidelity.data, fidelity.train, fidelity.rollout)
+    assert demo.eval.items_per_benchmark >= 500  # the gain is read on at least 500 items
+
+
+def test_extends_refuses_a_loop_naming_it(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"extends: {b}\n")
+    b.write_text(f"extends: {a}\n")
+    with pytest.raises(ConfigError, match="loops back: a -> b -> a"):
+        load_config(str(a))
+
+
+def test_the_flows_config_parser_resolves_extends():
+    from srpo_core.flow_config import parse_config
+
+    d = parse_config("extends: fidelity\nmethod:\n  method: rrpo\n")
+    assert d["method"]["method"] == "rrpo" and d["data"]["task"] == "synthetic_long" and d["resources"]["generation"]["cpu"] == 1

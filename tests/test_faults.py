@@ -296,6 +296,7 @@ def test_a_second_run_of_one_training_id_is_refused(tmp_path, tiny_model_path, m
     monkeypatch.setenv("SRPO_ARTIFACT_ROOT", str(tmp_path / "art"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv(S.TAKEOVER_ENV, raising=False)
+    monkeypatch.setenv("SRPO_CONFIG", "tiny")
     cfg = D.apply_overrides(D.parse_config(Path(D.default_config_path()).read_text()), "", "", "", -1, f"{QUICK} model.name_or_path={tiny_model_path}", 0)
     first = D.prepare(cfg, "dup")
     with pytest.raises(S.LeaseHeldError) as err:

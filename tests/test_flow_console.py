@@ -49,7 +49,7 @@ def test_main_command_as_root_with_a_bare_environment_shows_progress_not_task_lo
     # one progress display: the epoch step, each phase, the rates and the evaluation of the step
     assert re.search(r"progress: epoch step 1/1 \| phase generate", out)
     assert re.search(r"progress: epoch step 1/1 \| phase learner", out)
-    assert re.search(r"progress: epoch step 1/1 \| phase done \| reward base [0-9.]+ .*\| eval @ step 1 synthetic [0-9.]+ \| elapsed [0-9:]+ \| ETA 0:00", out)
+    assert re.search(r"progress: epoch step 1/1 \| phase done \| reward base [0-9.]+ .*\| eval @ step 1 synthetic_long [0-9.]+ \| elapsed [0-9:]+ \| ETA 0:00", out)
     # the epoch-step run's task logs are in the printed file, not on the console
     logs = re.search(r"epoch-step task logs: (\S+)", out)
     assert logs, out[-3000:]
