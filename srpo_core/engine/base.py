@@ -160,6 +160,22 @@ class ThoughtChains:
         ids = generated[start - len(prefix) : end - len(prefix)] if start >= len(prefix) else prefix[start:] + generated[: end - len(prefix)]
         return self.engine.decode(ids)
 
+    def end_chain_at_eos(self, row: int, generated: list[int]) -> None:
+        """Row `row` stopped at EOS after `generated` (the EOS token not in it): its open thought
+        is closed where it stands (when it holds any token) and the chain ends with "eos"."""
+        end = len(self.prefixes[row]) + len(generated)
+        if end > self.thought_start[row]:
+            self.spans[row].append((self.thought_start[row], end))
+        self.finish[row] = "eos"
+
+    def land(self, row: int, generated: list[int], eos: bool) -> None:
+        """One thought call's tokens are in `generated`: the chain ends at EOS, or else the thought
+        ends here (at the stop string, or at the thought cap, kept without its delimiter)."""
+        if eos:
+            self.end_chain_at_eos(row, generated)
+        else:
+            self.end_thought(row, generated, len(self.prefixes[row]) + len(generated))
+
     def end_thought(self, row: int, generated: list[int], end: int, text: str | None = None) -> None:
         text = self.thought_text(row, generated, end) if text is None else text
         self.spans[row].append((self.thought_start[row], end))

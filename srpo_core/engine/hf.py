@@ -451,10 +451,7 @@ class ContinuousBatch:
         restart = False
         if eos:
             gen.pop(), req.logprobs[row].pop()  # the EOS token is not part of the response
-            end = len(chains.prefixes[row]) + len(gen)
-            if end > chains.thought_start[row]:
-                chains.spans[row].append((chains.thought_start[row], end))
-            chains.finish[row] = "eos"
+            chains.end_chain_at_eos(row, gen)
         else:
             stop_single, _ = self.engine._stop_info(lim.stop)
             end = len(chains.prefixes[row]) + len(gen)

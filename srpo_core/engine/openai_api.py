@@ -382,13 +382,7 @@ class OpenAIEngine(TokenizerText, RolloutEngine):
                 generated[row] += toks
                 logprobs[row] += lps
                 thoughts_done[row] += 1
-                end = len(chains.prefixes[row]) + len(generated[row])
-                if eos:
-                    if end > chains.thought_start[row]:
-                        chains.spans[row].append((chains.thought_start[row], end))
-                    chains.finish[row] = "eos"
-                else:  # the stop string, or the thought cap (kept without its delimiter)
-                    chains.end_thought(row, generated[row], end)
+                chains.land(row, generated[row], eos)
                 if chains.finish[row] is None:
                     live.append(row)
             return live

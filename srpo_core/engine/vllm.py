@@ -233,13 +233,7 @@ class VLLMEngine(TokenizerText, RolloutEngine):
                         self._drop_eos(toks, lps, stop_reason)
                     generated[row] += toks
                     logprobs[row] += lps
-                    end = len(chains.prefixes[row]) + len(generated[row])
-                    if eos:
-                        if end > chains.thought_start[row]:
-                            chains.spans[row].append((chains.thought_start[row], end))
-                        chains.finish[row] = "eos"
-                    else:  # the stop string, or the thought cap (kept without its delimiter)
-                        chains.end_thought(row, generated[row], end)
+                    chains.land(row, generated[row], eos)
             thought += 1
             batches = [
                 (list(requests[rows_req[row]].prompt_ids) + chains.prefixes[row] + generated[row], [row], derive_seed(sampling.seed, rows_req[row], rows_chain[row] + 1, thought))
