@@ -284,10 +284,14 @@ class SRPPO(Method):
 
 
 def gold_thoughts(cfg, s) -> list[str]:
-    """The gold chain of a synthetic-task item (the step checker's graph); other tasks have none."""
-    if cfg.data.task != "synthetic":
-        raise ValueError(f"method.options.critic needs the gold chain of the step checker's graph; task {cfg.data.task!r} has none (the synthetic task has)")
+    """The gold chain of a synthetic-task item, any chain spec (the step checker's graph); other
+    tasks have none."""
+    from srpo_core.tasks import TASKS, SyntheticTask
     from srpo_core.tasks.synthetic import Problem, solution_thoughts
+
+    synthetic = sorted(name for name, make in TASKS.items() if make is SyntheticTask or getattr(make, "__self__", None) is SyntheticTask)
+    if cfg.data.task not in synthetic:
+        raise ValueError(f"method.options.critic needs the gold chain of the step checker's graph; task {cfg.data.task!r} has none (the synthetic tasks have: {', '.join(synthetic)})")
 
     return solution_thoughts(Problem(s.item_id, s.question, s.gold))
 
