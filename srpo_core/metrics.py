@@ -117,6 +117,10 @@ def step_metrics(records: list[R.Record], states: list[R.PromptState], task: Tas
     if task.has_step_checker:
         ok = [r for r in records if r.trainable and r.reward >= 1.0]
         m["steps/right_answer_wrong_step_share"] = _mean(float(r.steps_valid is False) for r in ok)
+        for kind in GROUP_KINDS:  # per group: a reset after the real error is rewarded only through another wrong step
+            ok_kind = [r for r in ok if r.group == kind]
+            if ok_kind:
+                m[f"steps/{kind}/right_answer_wrong_step_share"] = _mean(float(r.steps_valid is False) for r in ok_kind)
     for key, value in timings.items():
         m[f"time/{key}"] = value
     # tokens/trained: what the update learns from; tokens/generated: every chain the policy sampled

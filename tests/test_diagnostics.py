@@ -307,3 +307,25 @@ def test_a_failing_judge_never_fails_the_step():
     cfg = load_config("tiny", {"method.audit_judge": "some/judge-model"})
     judged = audit.judge_seeds(cases, locs, cfg, SyntheticTask(), seed=0, engine=FailingEngine(PROBLEMS, {}))
     assert [(loc.index, loc.judge, loc.judge_status) for loc in judged] == [(2, None, "error")] * 3
+
+
+def test_right_answers_through_a_wrong_step_are_counted_per_group():
+    """A reset after the real error can be rewarded only through another wrong step (mod-10 answers
+    match by chance): the share of rewarded rollouts with a wrong step, per group and pooled."""
+
+    def scored(pid, group, reward, steps_valid):
+        r = rec(pid, group, 0.0, [0.5])
+        r.reward, r.steps_valid = reward, steps_valid
+        return r
+
+    records = [
+        scored("A", "base", 1.0, True), scored("A", "base", 1.0, False), scored("A", "base", 0.0, False),
+        scored("A", "shared_prefix", 1.0, False), scored("A", "shared_prefix", 1.0, False), scored("A", "shared_prefix", 1.0, True),
+        scored("A", "seed", 0.0, False),
+    ]  # fmt: skip
+    records[-1].reset_index, records[-1].localization_status = 1, "oracle"
+    m = metrics.step_metrics(records, [], SyntheticTask(), {})
+    assert m["steps/base/right_answer_wrong_step_share"] == 0.5  # 1 of the 2 rewarded base rollouts
+    assert m["steps/shared_prefix/right_answer_wrong_step_share"] == pytest.approx(2 / 3)
+    assert m["steps/right_answer_wrong_step_share"] == pytest.approx(3 / 5)
+    assert "steps/seed/right_answer_wrong_step_share" not in m and "steps/fallback/right_answer_wrong_step_share" not in m
