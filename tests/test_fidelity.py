@@ -40,7 +40,10 @@ def test_fidelity_design_is_the_issue_s_experiment():
     by_key = {arm_of[s.training_id]: s for s in plan.specs if s.seed == d.seeds[0]}
     assert by_key["srpo-clip"].config["loss"]["loss"] == "clip" and by_key["srpo"].config["loss"]["loss"] == "pg"
     assert (by_key["srpo-oracle"].config["method"]["localizer"], by_key["srpo-1x8"].config["method"]["split"]) == ("oracle", "1x8")
-    assert by_key["srpo"].eval_steps == [0, 4, 8, 12, 16]  # 16 epoch steps of the preset, evaluated every 4
+    assert by_key["srpo"].eval_steps == [0, 4, 8, 12]  # 12 epoch steps of the preset, evaluated every 4
+    # every arm at the preset's rollout budget: srppo (1 rollout per prompt) sees 8x the prompts
+    assert {s.rollouts_per_step for s in plan.specs} == {cfg.train.prompts_per_step * 8}
+    assert by_key["srppo"].config["train"]["prompts_per_step"] == 8 * cfg.train.prompts_per_step
 
 
 def test_a_design_that_names_an_unknown_arm_or_rule_fails():
