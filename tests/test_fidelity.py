@@ -183,6 +183,21 @@ def test_claims_from_hand_made_arms():
     assert vh.status == V.HELD and "clean 20/50, erroneous 10/50; ratio 2.00 [1.04, 3.83]" in vh.evidence
 
 
+def test_an_ablation_that_changed_nothing_is_inconclusive_not_held():
+    """Two arms with the same answers on every item, seed and evaluation (a clip that never acts:
+    one optimizer step per training step on fresh rollouts gives importance ratio 1) prove nothing
+    about each other: `not_worse` and `better` say so instead of "held" / "inconclusive (overlap)"."""
+    same = {0: [1, 0, 1, 0, 1, 1, 0, 0], 1: [0, 1, 1, 0, 1, 0, 0, 1]}
+    data = ExperimentData({"design": {}}, "synthetic_long", {"a": hand_arm("a", same), "b": hand_arm("b", same)}, None)
+    for rule, params in (("not_worse", {"margin": 0.03}), ("better", {})):
+        v = decide_claim(claim(rule, ["a", "b"], "clip", **params), data)
+        assert v.status == V.INCONCLUSIVE and "changed nothing" in v.reason and "+0.0 [+0.0, +0.0]" in v.evidence
+    other = {**same, 1: [1, 1, 1, 0, 1, 0, 0, 1]}  # one item of one seed differs: judged by its interval again
+    data.arms["c"] = hand_arm("c", other)
+    v = decide_claim(claim("not_worse", ["c", "a"], "clip", margin=0.03), data)
+    assert v.status == V.INCONCLUSIVE and "changed nothing" not in v.reason and "+6.2 [" in v.evidence  # 2 seeds: t(1) = 12.7, wide
+
+
 # ---- the reduced experiment, end to end ------------------------------------------------------------------
 
 SEEDS = (0, 1)

@@ -176,6 +176,20 @@ def accuracy_interval(arm: ArmData, step: int, base: ArmData | None = None, base
     return paired_interval(rows, (-1.0, 1.0) if base is not None else (0.0, 1.0))
 
 
+def identical_outcomes(a: ArmData, b: ArmData) -> bool:
+    """Whether two arms scored the same on every item at every evaluation of every seed they
+    share, after training (an ablation that changed nothing: its verdict says so, not "held")."""
+    seeds = sorted(set(a.outcomes) & set(b.outcomes))
+    trained = [(s, step) for s in seeds for step in set(a.outcomes[s]) & set(b.outcomes[s]) if step > 0]
+    return bool(trained) and all(a.outcomes[s][step] == b.outcomes[s][step] for s, step in trained)
+
+
+IDENTICAL = (
+    "the arms scored the same on every item at every evaluation of every seed: the ablation changed nothing here (a clip never acts "
+    "when each training step takes one optimizer step on freshly sampled rollouts: the importance ratio is 1), so it tests nothing"
+)
+
+
 def gain_interval(arm: ArmData) -> Interval:
     """After minus before, per seed and item (the same model before training for every seed)."""
     steps = arm.eval_steps
@@ -247,7 +261,9 @@ def decide_claim(claim: dict, data: ExperimentData) -> Verdict:
                 where = ""
             diffs.append(d)
             parts.append(f"{first.label} − {other.label}{where}: {d.points(signed=True)} points")
-        if claim["rule"] == "best_of":
+        if rule.evidence == "diff" and all(identical_outcomes(first, other) for other in others):
+            decision = Decision(INCONCLUSIVE, IDENTICAL)
+        elif claim["rule"] == "best_of":
             decision = rule.decide(diffs)
         elif "margin" in params:
             decision = rule.decide(diffs[0], float(params["margin"]))
