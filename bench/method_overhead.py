@@ -1,92 +1,199 @@
 """What a reset method costs next to GRPO at an equal rollout budget (8 trained rollouts per
-prompt), in one run, through the plain loop (in process): SRPO/GRPO ratios of
+prompt), in one run, in process (the plain loop) and through the flow: SRPO/GRPO ratios of
 
-  phase time       the epoch step: rollout phases + verification + the learner update (time/step)
+  phase time       the epoch step's own work: rollout phases + verification + the learner update
+                   (in process time/step; in the flow the phases' critical path, slowest shard per
+                   phase, as `time/orchestration_overhead` counts it)
   generation time  all sampling: seed search, fills, localization and suffixes (time/generation +
                    time/localization + time/suffix; with events they overlap in time/generation)
+  decode steps     in process: the sequential forward passes of the continuous batch, whatever
+                   their rows. On a latency-bound engine (a small model, few rows: a step costs
+                   about the same with 64 or 256 rows) generation time follows this count, and a
+                   reset method's count is bound below by its critical path, the slowest prompt's
+                   seed chain -> localization -> suffixes, against GRPO's one chain
+  epoch step wall  through the flow: what a user waits per epoch step (orchestration included,
+                   evaluation excluded)
 
-before (`rollout.scheduler: batched`, three sequential batched decodes) and after (`events`,
-srpo_core/scheduler.py), beside the paper's 1.31x total and 1.61x generation (tables 7-8).
-Goal: phase <= 1.10, generation <= 1.15.
+In process, before (`rollout.scheduler: batched`, three sequential batched decodes) and after
+(`events`, srpo_core/scheduler.py: each prompt on its own through the phases on one continuous
+batch). Through the flow the phases stay Metaflow steps and the overlap comes from shards: the
+foreach branches of an epoch step run at once against the training's inference server, whose
+shared continuous batch (srpo_core/server/batching.py) decodes their concurrent calls together.
+Printed beside the paper's 1.31x total and 1.61x generation (tables 7-8); goal: phase <= 1.10,
+generation <= 1.15.
 
-Every repeat trains each variant from the same initial policy for `--steps` steps (a fresh
-session each), in a rotating order; the ratio of a repeat pairs SRPO with that repeat's GRPO, and
-the script prints the median over repeats (the machine is shared and noisy). GRPO has no
-event-driven path (its one generate call already is one batch), so one GRPO run per repeat
-serves both ratios.
+Every in-process repeat trains each variant from the same initial policy for `--steps` steps (a
+fresh session each), in a rotating order; the ratio of a repeat pairs SRPO with that repeat's GRPO
+(the machine is shared and noisy) and the script prints the median over repeats with every
+repeat's value. GRPO has no event-driven path (its one generate call already is one batch), so one
+GRPO run per repeat serves both ratios. The flow section runs one training per method and shard
+count (`--flow-shards`, `--flow-steps`; `--flow-shards` with no value skips it) and prints medians
+over its epoch steps.
 
-Not through the flow: the flow's phases are separate Metaflow steps exchanging the shard through
-the store, so the in-memory scheduler does not apply there (its overlap would come from shards
-running at once against one inference server), and one tiny-preset flow epoch step spends
-~25 s in orchestration alone, which would drown the phase times being compared.
-
-    python bench/method_overhead.py [--steps 3] [--repeats 3] [--localizer self] [--set rollout.temperature=0.4]
+    python bench/method_overhead.py [--steps 3] [--repeats 3] [--localizer self] [--set train.prompts_per_step=64]
+    python bench/method_overhead.py --flow-shards 1 4 --flow-steps 3
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 PAPER = {"phase": 1.31, "generation": 1.61}
 GOAL = {"phase": 1.10, "generation": 1.15}
 
 
-def measure(cfg, steps: int) -> dict[str, float]:
+class DecodeSteps:
+    """Counts the continuous batch's decode steps (bench instrument: wraps ContinuousBatch.step)."""
+
+    def __init__(self):
+        from srpo_core.engine import hf
+
+        self.count = 0
+        real = hf.ContinuousBatch.step
+
+        def step(batch):
+            before = batch.stats["decode_steps"]
+            out = real(batch)
+            self.count += batch.stats["decode_steps"] - before
+            return out
+
+        hf.ContinuousBatch.step = step
+
+
+def sized(cfg, steps: int):
+    """The config with enough training items for `steps` steps of its prompts."""
+    need = steps * cfg.train.prompts_per_step
+    return cfg if cfg.data.train_size >= need else cfg.override(**{"data.train_size": need})
+
+
+def measure(cfg, steps: int, counter: DecodeSteps) -> dict[str, float]:
     from srpo_core import data_order
     from srpo_core.loop import open_session, train_step
 
     session = open_session(cfg)
     items = data_order.train_items(cfg)
     batches = data_order.batches_of(cfg, items)
-    out = {"phase": 0.0, "generation": 0.0, "tokens": 0.0, "rollout_phases": 0.0}
+    out = {"phase": 0.0, "generation": 0.0, "decode_steps": 0.0, "tokens": 0.0}
     for k in range(steps):
+        before = counter.count
         result = train_step(session, [items[i] for i in batches[k]], k)
         t = result.timings
         out["phase"] += t["step"]
-        out["rollout_phases"] += t["step"] - t["learner"]
         out["generation"] += t.get("generation", 0.0) + t.get("localization", 0.0) + t.get("suffix", 0.0)
+        out["decode_steps"] += counter.count - before
         out["tokens"] += result.metrics["tokens/generated"]
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="tiny")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--localizer", default="self")
-    ap.add_argument("--set", action="append", default=[], help="key=value config overrides for every variant")
-    args = ap.parse_args()
-
-    import yaml
-
+def in_process(args, common: dict) -> None:
     from srpo_core.config import load_config
 
-    common = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     variants = {
         "grpo": {"method.method": "grpo", "method.localizer": "", "rollout.scheduler": "batched"},
         "srpo/batched": {"method.method": "srpo", "method.localizer": args.localizer, "rollout.scheduler": "batched"},
         "srpo/events": {"method.method": "srpo", "method.localizer": args.localizer, "rollout.scheduler": "events"},
     }
+    counter = DecodeSteps()
     names = list(variants)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     t0 = time.perf_counter()
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
-            runs[name].append(measure(load_config(args.config, {**common, **variants[name]}), args.steps))
-    print(f"{args.config} preset, {args.steps} steps x {args.repeats} repeats, localizer {args.localizer}, overrides {common or 'none'} ({time.perf_counter() - t0:.0f} s)")
+            cfg = sized(load_config(args.config, {**common, **variants[name]}), args.steps)
+            runs[name].append(measure(cfg, args.steps, counter))
+    cfg = sized(load_config(args.config, common), args.steps)
+    print(f"IN PROCESS: {args.config} preset, {cfg.train.prompts_per_step} prompts x 8 rollouts per step, {args.steps} steps x {args.repeats} repeats, localizer {args.localizer}, "
+          f"overrides {common or 'none'} ({time.perf_counter() - t0:.0f} s)")
     for name in names:
         med = {k: statistics.median(run[k] for run in runs[name]) for k in runs[name][0]}
-        print(f"  {name:13s} median: phase {med['phase']:.2f} s  rollout phases {med['rollout_phases']:.2f} s  generation {med['generation']:.2f} s  tokens {med['tokens']:.0f}")
-    print(f"{'SRPO/GRPO':18s} {'phase':>16s} {'generation':>16s} {'rollout phases':>16s} {'tokens':>8s}")
+        print(f"  {name:13s} median: phase {med['phase']:.2f} s  generation {med['generation']:.2f} s  decode steps {med['decode_steps']:.0f}  tokens {med['tokens']:.0f}")
+    keys = ("phase", "generation", "decode_steps", "tokens")
+    print(f"  {'SRPO/GRPO':16s} {'phase':>22s} {'generation':>22s} {'decode steps':>13s} {'tokens':>7s}")
     for name in names[1:]:
-        ratios = {k: [s[k] / g[k] for s, g in zip(runs[name], runs["grpo"])] for k in ("phase", "generation", "rollout_phases", "tokens")}
-        cells = {k: f"{statistics.median(v):.2f}x [" + ",".join(f"{x:.2f}" for x in v) + "]" for k, v in ratios.items()}
-        print(f"{name.split('/')[1]:18s} {cells['phase']:>16s} {cells['generation']:>16s} {cells['rollout_phases']:>16s} {statistics.median(ratios['tokens']):>7.2f}x")
-    print(f"{'paper (tables 7-8)':18s} {PAPER['phase']:>15.2f}x {PAPER['generation']:>15.2f}x")
-    print(f"{'goal':18s} {'<= %.2fx' % GOAL['phase']:>16s} {'<= %.2fx' % GOAL['generation']:>16s}")
+        ratios = {k: [s[k] / g[k] for s, g in zip(runs[name], runs["grpo"])] for k in keys}
+        cell = lambda v: f"{statistics.median(v):.2f}x [" + ",".join(f"{x:.2f}" for x in v) + "]"  # noqa: E731
+        print(f"  {name.split('/')[1]:16s} {cell(ratios['phase']):>22s} {cell(ratios['generation']):>22s} {statistics.median(ratios['decode_steps']):>12.2f}x {statistics.median(ratios['tokens']):>6.2f}x")
+    footer()
+
+
+def footer() -> None:
+    print(f"  {'paper (tables 7-8)':16s} {PAPER['phase']:>21.2f}x {PAPER['generation']:>21.2f}x")
+    print(f"  {'goal':16s} {'<= %.2fx' % GOAL['phase']:>22s} {'<= %.2fx' % GOAL['generation']:>22s}")
+
+
+def flow_training(args, method: dict, shards: int, workdir: Path) -> list[dict[str, float]]:
+    """One training through flows/srpo_flow.py (Metaflow's Runner); per epoch step: phase,
+    generation and wall seconds."""
+    import os
+
+    from srpo_core.metaflow_env import runner
+
+    workdir.mkdir(parents=True)
+    overrides = {**{k: v for k, v in (s.split("=", 1) for s in args.set)}, "resources.shards": str(shards), "eval.items_per_benchmark": "20", "eval.every_steps": "0"}
+    env = {"SRPO_CONFIG": args.config, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(workdir / "mf"), "SRPO_ARTIFACT_ROOT": str(workdir / "art"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "USERNAME": os.environ.get("USERNAME") or "srpo-bench"}
+    Runner = runner()
+    with Runner(str(ROOT / "flows" / "srpo_flow.py"), show_output=False, env=env, cwd=str(workdir), file_read_timeout=600) as r:
+        result = r.run(steps=args.flow_steps, set=" ".join(f"{k}={v}" for k, v in overrides.items()), **method)
+        if result.run is None or not result.run.successful:
+            sys.exit(f"the {method} flow failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        reports = result.run["end"].task.data.reports
+    out = []
+    for rep in reports:
+        m = rep.metrics
+        evaluation = rep.metrics.get("time/evaluation", 0.0)
+        out.append({
+            "phase": sum(m.get(f"time/{k}", 0.0) for k in ("generation", "verification", "localization", "suffix", "learner")),
+            "generation": sum(m.get(f"time/{k}", 0.0) for k in ("generation", "localization", "suffix")),
+            "wall": rep.wall_seconds - evaluation,
+            "tokens": m.get("tokens/generated", 0.0),
+        })
+    return out
+
+
+def through_flow(args) -> None:
+    methods = {"grpo": {"method": "grpo", "localizer": ""}, "srpo": {"method": "srpo", "localizer": args.localizer}}
+    t0 = time.perf_counter()
+    table = {}
+    with tempfile.TemporaryDirectory(prefix="srpo-bench-flow-") as tmp:
+        for shards in args.flow_shards:
+            for name, method in methods.items():
+                steps = flow_training(args, {k: v for k, v in method.items() if v}, shards, Path(tmp) / f"{name}-{shards}")
+                table[(name, shards)] = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    print(f"THROUGH THE FLOW: {args.config} preset, {args.flow_steps} epoch steps per training, localizer {args.localizer}, medians per epoch step ({time.perf_counter() - t0:.0f} s)")
+    for (name, shards), med in table.items():
+        print(f"  {name} {shards} shard(s): phase {med['phase']:.2f} s  generation {med['generation']:.2f} s  epoch step wall {med['wall']:.2f} s  tokens {med['tokens']:.0f}")
+    print(f"  {'SRPO/GRPO':16s} {'phase':>22s} {'generation':>22s} {'epoch step wall':>16s}")
+    for shards in args.flow_shards:
+        s, g = table[("srpo", shards)], table[("grpo", shards)]
+        print(f"  {f'{shards} shard(s)':16s} {s['phase'] / g['phase']:>21.2f}x {s['generation'] / g['generation']:>21.2f}x {s['wall'] / g['wall']:>15.2f}x")
+    footer()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--steps", type=int, default=3, help="in process: steps per training")
+    ap.add_argument("--repeats", type=int, default=3, help="in process: trainings per variant (0: skip the in-process section)")
+    ap.add_argument("--localizer", default="self")
+    ap.add_argument("--set", action="append", default=[], help="key=value config overrides for every variant")
+    ap.add_argument("--flow-shards", type=int, nargs="*", default=[1], help="through the flow: shard counts to measure (none: skip the flow section)")
+    ap.add_argument("--flow-steps", type=int, default=3, help="through the flow: epoch steps per training")
+    args = ap.parse_args()
+
+    import yaml
+
+    common = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.repeats:  # first: it imports torch and peft before Metaflow's Runner (metaflow#2462)
+        in_process(args, common)
+    if args.flow_shards:
+        through_flow(args)
 
 
 if __name__ == "__main__":

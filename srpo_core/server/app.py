@@ -9,7 +9,8 @@ in one event loop (`InferenceServer`), with the limits uvicorn does not give in 
 our own: `_Gate` (ASGI middleware: the token, the streamed body cap) and `_Protocol` (uvicorn's h11
 protocol subclassed: stall timeouts, the connection cap, JSON answers to malformed requests).
 Model work (generation, scoring, adapter loads, tokenizer calls) runs in the thread pool, serialised
-by one lock; `/health`, `/ready` and `/adapters` run on the event loop and never take it, so probes
+by one lock, except that concurrent sampling calls under one version decode together in one shared
+continuous batch (`server.batching`; `--serial-calls` turns that off); `/health`, `/ready` and `/adapters` run on the event loop and never take it, so probes
 answer while a long generation runs.
 
 Authentication and limits (README, "Security model")
@@ -81,6 +82,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from srpo_core.engine.base import SamplingParams, ThoughtLimits, ThoughtRequest
 from srpo_core.server import protocol as P
 from srpo_core.server.adapters import ADAPTER_FILES, AdapterRefused, AdapterSource, FetchLimits, adapter_sha256  # noqa: F401 (ADAPTER_FILES, adapter_sha256: re-exported)
+from srpo_core.server.batching import SharedBatch
 
 log = logging.getLogger("srpo.server")
 
@@ -273,7 +275,8 @@ class Adapter:
 
 class ModelHost:
     def __init__(
-        self, backend_factory, model_path: str, engine_kind: str = "hf", base_version: str = "base", max_adapters: int = 2, cache_dir: str | None = None, *, adapter_source: AdapterSource | None = None
+        self, backend_factory, model_path: str, engine_kind: str = "hf", base_version: str = "base", max_adapters: int = 2, cache_dir: str | None = None, *,
+        adapter_source: AdapterSource | None = None, shared_batch: bool = True,
     ):
         self.backend_factory = backend_factory
         self.model_path = model_path
@@ -296,6 +299,7 @@ class ModelHost:
         self.active = self.base_version
         self._counter = 0
         self.vocab_size: int | None = None
+        self.shared = SharedBatch(self) if shared_batch else None  # concurrent sampling calls decode together
 
     # -- lifecycle --
     def load_model(self) -> None:
@@ -466,30 +470,51 @@ class ModelHost:
         with self.tok_lock:
             return fn(backend.engine)
 
-    def run(self, version, fn, sha256=None):
-        """fn(engine) under the model lock with exactly `version` selected (None: the active one),
-        refused (409) unless that version's content hash is `sha256` when one is given."""
+    def _resolve(self, version: str | None, sha256: str | None) -> tuple[str, str | None]:
+        """(version, backend adapter name or None for the base model) of a model call asking for
+        `version` (None: the active one) pinned to `sha256` (None: any); 409 if not held as asked."""
+        with self.meta_lock:
+            want = self.active if version is None else version
+            if want == self.base_version:
+                name, held_sha = None, None
+            elif want in self.adapters:
+                name, held_sha = self.adapters[want].name, self.adapters[want].sha256
+            else:
+                raise HTTPError(
+                    409, f"adapter version {want!r} is not held by this server (holding {[self.base_version, *self.adapters]}, active {self.active!r}); load it with POST /adapters/load first"
+                )
+        if sha256 is not None and held_sha != sha256:
+            raise HTTPError(409, f"adapter version {want!r} is held with sha256 {str(held_sha)[:12]}, the request is pinned to {sha256[:12]}; refused (reload the adapter under a new version)")
+        return want, name
+
+    def _check_call(self, version, sha256):
         backend = self._require_ready()
         if version is not None:
             P.check_version(version)
         if sha256 is not None:
             P.check_sha256(sha256, "adapter_sha256")
+        return backend
+
+    def run(self, version, fn, sha256=None):
+        """fn(engine) under the model lock with exactly `version` selected (None: the active one),
+        refused (409) unless that version's content hash is `sha256` when one is given."""
+        backend = self._check_call(version, sha256)
         with self.model_lock:
             self._require_ready()  # a device error in the call before this one
-            with self.meta_lock:
-                want = self.active if version is None else version
-                if want == self.base_version:
-                    name, held_sha = None, None
-                elif want in self.adapters:
-                    name, held_sha = self.adapters[want].name, self.adapters[want].sha256
-                else:
-                    raise HTTPError(
-                        409, f"adapter version {want!r} is not held by this server (holding {[self.base_version, *self.adapters]}, active {self.active!r}); load it with POST /adapters/load first"
-                    )
-            if sha256 is not None and held_sha != sha256:
-                raise HTTPError(409, f"adapter version {want!r} is held with sha256 {str(held_sha)[:12]}, the request is pinned to {sha256[:12]}; refused (reload the adapter under a new version)")
+            want, name = self._resolve(version, sha256)
             with self._device_guard(f"a model call under {want}"), backend.select(name, want) as engine:
                 return want, fn(engine)
+
+    def run_batched(self, version, fn, submit, sha256=None):
+        """A sampling call (`fn(engine)`, or `submit(batch) -> DecodeHandle` on a continuous batch)
+        with the rules of `run`; with `shared_batch` and an engine that has a continuous batch,
+        concurrent calls under one version decode together (`SharedBatch`) instead of in turn."""
+        backend = self._check_call(version, sha256)
+        if self.shared is None or not callable(getattr(backend.engine, "continuous_batch", None)):
+            return self.run(version, fn, sha256)
+        with self.meta_lock:
+            want = self.active if version is None else version  # the active version when the call came in
+        return self.shared.call(want, sha256, submit)
 
 
 # ---- HTTP -------------------------------------------------------------------------------------------
@@ -755,14 +780,18 @@ def make_app(host: ModelHost, token: str | None, limits: ServerLimits) -> FastAP
         _work(rows, rows * body.limits.max_model_len, limits, "generate_thoughts")
         vocab([r.prompt_ids for r in reqs], "requests.prompt_ids")
         vocab([r.prefix_ids for r in reqs], "requests.prefix_ids")
-        version, groups = host.run(body.adapter_version, lambda e: e.generate_thoughts(reqs, body.limits, body.sampling), body.adapter_sha256)
+        version, groups = host.run_batched(
+            body.adapter_version, lambda e: e.generate_thoughts(reqs, body.limits, body.sampling), lambda b: b.submit_thoughts(reqs, body.limits, body.sampling), body.adapter_sha256
+        )
         return answer(request, version, [[P.rollout_to_json(r) for r in g] for g in groups])
 
     @app.post("/complete")
     def complete(body: CompleteBody, request: Request):
         _work(len(body.prompts), sum(len(p) + body.max_tokens for p in body.prompts), limits, "complete")
         vocab(body.prompts, "prompts")
-        version, comps = host.run(body.adapter_version, lambda e: e.complete(body.prompts, body.max_tokens, body.sampling), body.adapter_sha256)
+        version, comps = host.run_batched(
+            body.adapter_version, lambda e: e.complete(body.prompts, body.max_tokens, body.sampling), lambda b: b.submit_complete(body.prompts, body.max_tokens, body.sampling), body.adapter_sha256
+        )
         return answer(request, version, [P.completion_to_json(c) for c in comps])
 
     @app.post("/teacher_force")
@@ -1100,6 +1129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="hf engine: cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--max-batch-rows", type=int, default=256, help="hf engine: rows decoded together")
+    p.add_argument("--serial-calls", action="store_true", help="hf engine: serve sampling calls one at a time (default: concurrent calls decode in one shared batch)")
     p.add_argument("--base-version", default="base", help="the version name of the bare base model")
     p.add_argument("--max-adapters", type=int, default=2, help="adapters held at once (oldest non-active unloaded)")
     p.add_argument("--adapter", action="append", default=[], metavar="VERSION=URI", help="load at start (repeatable; the last is active)")
@@ -1171,7 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=args.max_body_bytes, socket_timeout_s=args.socket_timeout, max_connections=args.max_connections, max_rows=args.max_request_rows, max_request_tokens=args.max_request_tokens
         )
         source = AdapterSource(args.artifact_root, FetchLimits(max_bytes=args.max_adapter_bytes, max_files=args.max_adapter_files))
-        host = ModelHost(backend_factory(args, model_path), model_path, args.engine, args.base_version, args.max_adapters, args.cache_dir, adapter_source=source)
+        host = ModelHost(backend_factory(args, model_path), model_path, args.engine, args.base_version, args.max_adapters, args.cache_dir, adapter_source=source, shared_batch=not args.serial_calls)
         server = InferenceServer(host, (args.host, args.port), token=token, limits=limits)
     except ValueError as exc:
         raise SystemExit(f"python -m srpo_core.server: {exc}") from None
