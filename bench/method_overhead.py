@@ -118,7 +118,8 @@ def in_process(args, common: dict) -> None:
     for name in names[1:]:
         ratios = {k: [s[k] / g[k] for s, g in zip(runs[name], runs["grpo"])] for k in keys}
         cell = lambda v: f"{statistics.median(v):.2f}x [" + ",".join(f"{x:.2f}" for x in v) + "]"  # noqa: E731
-        print(f"  {name.split('/')[1]:16s} {cell(ratios['phase']):>22s} {cell(ratios['generation']):>22s} {statistics.median(ratios['decode_steps']):>12.2f}x {statistics.median(ratios['tokens']):>6.2f}x")
+        steps_ratio, tokens_ratio = statistics.median(ratios["decode_steps"]), statistics.median(ratios["tokens"])
+        print(f"  {name.split('/')[1]:16s} {cell(ratios['phase']):>22s} {cell(ratios['generation']):>22s} {steps_ratio:>12.2f}x {tokens_ratio:>6.2f}x")
     footer()
 
 

@@ -176,6 +176,22 @@ class ThoughtChains:
         else:
             self.end_thought(row, generated, len(self.prefixes[row]) + len(generated))
 
+    def rollouts(self, requests: list[ThoughtRequest], rows_req: list[int], generated: list[list[int]], logprobs: list[list[float]], adapter_version: str | None) -> list[list[Rollout]]:
+        """The finished chains as Rollouts, grouped by request: row `row` continues
+        `requests[rows_req[row]]` with the tokens `generated[row]` (after the request's prefix)."""
+        out: list[list[Rollout]] = [[] for _ in requests]
+        for row, i in enumerate(rows_req):
+            req = requests[i]
+            response = list(req.prefix_ids) + generated[row]
+            spans = [tuple(s) for s in self.spans[row]]
+            out[i].append(
+                Rollout(
+                    prompt_ids=list(req.prompt_ids), response_ids=response, prefix_len=len(req.prefix_ids), spans=spans, logprobs=logprobs[row],
+                    thoughts=[self.engine.decode(response[a:b]) for a, b in spans], text=self.engine.decode(response), finish_reason=self.finish[row], adapter_version=adapter_version,
+                )
+            )  # fmt: skip
+        return out
+
     def end_thought(self, row: int, generated: list[int], end: int, text: str | None = None) -> None:
         text = self.thought_text(row, generated, end) if text is None else text
         self.spans[row].append((self.thought_start[row], end))

@@ -407,19 +407,7 @@ class OpenAIEngine(TokenizerText, RolloutEngine):
                     fut.cancel()
                 raise
 
-        out: list[list[Rollout]] = [[] for _ in requests]
-        for row, i in enumerate(rows_req):
-            req = requests[i]
-            response = list(req.prefix_ids) + generated[row]
-            spans = [tuple(s) for s in chains.spans[row]]
-            out[i].append(
-                Rollout(
-                    prompt_ids=list(req.prompt_ids), response_ids=response, prefix_len=len(req.prefix_ids), spans=spans, logprobs=logprobs[row],
-                    thoughts=[self.decode(response[a:b]) for a, b in spans], text=self.decode(response), finish_reason=chains.finish[row],
-                    adapter_version=self.adapter_version,
-                )
-            )  # fmt: skip
-        return out
+        return chains.rollouts(requests, rows_req, generated, logprobs, self.adapter_version)
 
     def _map(self, fn, items: list) -> list:
         if not items:

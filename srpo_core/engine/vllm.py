@@ -240,25 +240,7 @@ class VLLMEngine(TokenizerText, RolloutEngine):
                 for row in range(len(rows_req)) if chains.finish[row] is None
             ]  # fmt: skip
 
-        out: list[list[Rollout]] = [[] for _ in requests]
-        for row, i in enumerate(rows_req):
-            req = requests[i]
-            response = list(req.prefix_ids) + generated[row]
-            spans = [tuple(s) for s in chains.spans[row]]
-            out[i].append(
-                Rollout(
-                    prompt_ids=list(req.prompt_ids),
-                    response_ids=response,
-                    prefix_len=len(req.prefix_ids),
-                    spans=spans,
-                    logprobs=logprobs[row],
-                    thoughts=[self.decode(response[a:b]) for a, b in spans],
-                    text=self.decode(response),
-                    finish_reason=chains.finish[row],
-                    adapter_version=self.adapter_version,
-                )
-            )
-        return out
+        return chains.rollouts(requests, rows_req, generated, logprobs, self.adapter_version)
 
     def complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams) -> list[Completion]:
         params = [self._params(sampling, 1, derive_seed(sampling.seed, i, 0, 0), max_tokens, None) for i in range(len(prompts))]
