@@ -30,8 +30,14 @@ GRPO run per repeat serves both ratios. The flow section runs one training per m
 count (`--flow-shards`, `--flow-steps`; `--flow-shards` with no value skips it) and prints medians
 over its epoch steps.
 
-    python bench/method_overhead.py [--steps 3] [--repeats 3] [--localizer self] [--set train.prompts_per_step=64]
-    python bench/method_overhead.py --flow-shards 1 4 --flow-steps 3
+Two regimes, both measured by default (`--prompts 0 128`): the config's prompts per step (tiny:
+16 x 8 = 128 rows, under the engine's 256-row batch: latency-bound, a decode step costs about the
+same whatever its rows, so time follows decode steps) and 128 prompts (1024 rows, 4x the batch:
+throughput-bound, as generation is at paper scale, where time follows tokens and SRPO's are
+GRPO's).
+
+    python bench/method_overhead.py [--steps 3] [--repeats 3] [--localizer self] [--prompts 0 128]
+    python bench/method_overhead.py --repeats 0 --flow-shards 1 4 --flow-steps 3   # the flow only
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = {"phase": 1.31, "generation": 1.61}
+CAP = 256  # rows the in-process HF engine decodes at once (HFEngine.max_batch_rows)
 GOAL = {"phase": 1.10, "generation": 1.15}
 
 
@@ -108,7 +115,9 @@ def in_process(args, common: dict) -> None:
             cfg = sized(load_config(args.config, {**common, **variants[name]}), args.steps)
             runs[name].append(measure(cfg, args.steps, counter))
     cfg = sized(load_config(args.config, common), args.steps)
-    print(f"IN PROCESS: {args.config} preset, {cfg.train.prompts_per_step} prompts x 8 rollouts per step, {args.steps} steps x {args.repeats} repeats, localizer {args.localizer}, "
+    rows = cfg.train.prompts_per_step * 8
+    regime = f"{rows} rows <= the batch cap {CAP}: latency-bound" if rows <= CAP else f"{rows} rows = {rows / CAP:.0f}x the batch cap {CAP}: throughput-bound"
+    print(f"IN PROCESS: {args.config} preset, {cfg.train.prompts_per_step} prompts x 8 rollouts per step ({regime}), {args.steps} steps x {args.repeats} repeats, localizer {args.localizer}, "
           f"overrides {common or 'none'} ({time.perf_counter() - t0:.0f} s)")
     for name in names:
         med = {k: statistics.median(run[k] for run in runs[name]) for k in runs[name][0]}
@@ -139,6 +148,7 @@ def flow_training(args, method: dict, shards: int, workdir: Path) -> list[dict[s
     overrides = {**{k: v for k, v in (s.split("=", 1) for s in args.set)}, "resources.shards": str(shards), "eval.items_per_benchmark": "20", "eval.every_steps": "0"}
     env = {"SRPO_CONFIG": args.config, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(workdir / "mf"), "SRPO_ARTIFACT_ROOT": str(workdir / "art"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "USERNAME": os.environ.get("USERNAME") or "srpo-bench"}
+    os.environ.setdefault("METAFLOW_USER", env["USERNAME"])  # this process imports Metaflow too
     Runner = runner()
     with Runner(str(ROOT / "flows" / "srpo_flow.py"), show_output=False, env=env, cwd=str(workdir), file_read_timeout=600) as r:
         result = r.run(steps=args.flow_steps, set=" ".join(f"{k}={v}" for k, v in overrides.items()), **method)
@@ -184,6 +194,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="in process: trainings per variant (0: skip the in-process section)")
     ap.add_argument("--localizer", default="self")
     ap.add_argument("--set", action="append", default=[], help="key=value config overrides for every variant")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[0, 128], help="in process: prompts per step to measure at (0: the config's; default also 128, 1024 rows: throughput-bound)")
     ap.add_argument("--flow-shards", type=int, nargs="*", default=[1], help="through the flow: shard counts to measure (none: skip the flow section)")
     ap.add_argument("--flow-steps", type=int, default=3, help="through the flow: epoch steps per training")
     args = ap.parse_args()
@@ -192,7 +203,8 @@ def main() -> None:
 
     common = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.repeats:  # first: it imports torch and peft before Metaflow's Runner (metaflow#2462)
-        in_process(args, common)
+        for prompts in args.prompts:
+            in_process(args, {**common, "train.prompts_per_step": prompts} if prompts else common)
     if args.flow_shards:
         through_flow(args)
 

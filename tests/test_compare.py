@@ -477,3 +477,13 @@ def test_passk_outputs_of_a_real_run(passk_comparison):
     img = mpimg.imread(out / "passk_curves.png")[..., :3]
     for edge in (img[:4], img[-4:], img[:, :4], img[:, -4:]):
         assert edge.min() > 0.99
+
+
+@pytest.mark.parametrize("extra", [[], ["--preset", "fidelity"]])
+@pytest.mark.parametrize("flags, message", [(["--samples", "2", "--pass-k", "3"], r"--pass-k \[3\]: each k must be in 1..--samples \(2\)"), (["--samples", "0"], "--samples 0: must be >= 1")])
+def test_bad_pass_k_flags_are_refused_before_any_training(tmp_path, extra, flags, message):
+    from srpo_core.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["compare", *extra, *flags, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -68,6 +68,7 @@ from srpo_core.compare.plan import (  # noqa: F401
     PAPER_SEEDS,
     ComparisonPlan,
     RunSpec,
+    check_pass_k,
     default_ks,
     equal_budget,
     make_variants,
@@ -171,9 +172,7 @@ def _main(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    bad_k = [k for k in args.pass_k if k < 1 or k > args.samples]
-    if bad_k or args.samples < 1:
-        raise SystemExit(f"--pass-k {bad_k}: each k must be in 1..--samples ({args.samples})" if bad_k else f"--samples {args.samples}: must be >= 1")
+    check_pass_k(args.samples, args.pass_k)
     cfg = load_config(args.config, parse_overrides(args.set or []))
     plan = plan_comparison(
         cfg,

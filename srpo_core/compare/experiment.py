@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from srpo_core import methods as method_registry
-from srpo_core.compare.plan import ComparisonPlan, plan_comparison
+from srpo_core.compare.plan import ComparisonPlan, check_pass_k, plan_comparison
 from srpo_core.compare.verdicts import RULES
 from srpo_core.config import Config, ConfigError
 
@@ -304,9 +304,7 @@ def main(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    bad_k = [k for k in args.pass_k if k < 1 or k > args.samples]
-    if bad_k:
-        raise SystemExit(f"--pass-k {bad_k}: each k must be in 1..--samples ({args.samples})")
+    check_pass_k(args.samples, args.pass_k)
     out_dir = Path(args.out or f"runs/{design.name}")
     seeds = list(args.seeds) if args.seeds else list(design.seeds)
     cfg = load_config(design.preset, parse_overrides(args.set or []))

@@ -256,3 +256,10 @@ def plan_comparison(
     return ComparisonPlan(cid, cfg.to_dict(), bench, list(dict.fromkeys(labels[v] for v in variants)), specs, str(out_dir), budget=budget, reference_rollouts=reference)
 
 
+def check_pass_k(samples: int, ks: list[int]) -> None:
+    """`srpo compare --samples n --pass-k k...`: every k in 1..n (SystemExit naming the bad flag)."""
+    if samples < 1:
+        raise SystemExit(f"--samples {samples}: must be >= 1")
+    bad = [k for k in ks if k < 1 or k > samples]
+    if bad:
+        raise SystemExit(f"--pass-k {bad}: each k must be in 1..--samples ({samples})")
