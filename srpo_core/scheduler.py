@@ -8,16 +8,16 @@ The batched path (srpo_core/methods/resets.py's phases) runs three sequential ba
 each waiting for its slowest prompt; here a prompt whose seed search ends early is localized and
 its suffixes sampled while slower prompts still search, so the batch stays full.
 
-What it buys, measured (bench/method_overhead.py): on the tiny preset on CPU, nothing; it is a
-little slower than the batched phases (SRPO/GRPO generation 1.55x vs 1.46x in one run). Both are
-bound by the same critical path, the slowest prompt's seed chain -> its localization -> its
-suffixes: on the synthetic task every chain of a prompt has about the same length, so the prompt
-that is slowest in the seed search is also the last to be localized and the slowest in its
-suffixes, and the sum of the batched phases' lengths equals that path (same decode-step count,
-288 for 3 steps, either way). Rows that join late then cost extra prefills and either padding or
-forwards of their own (cohorts, engine/hf.py). The overlap pays where prompts differ in how many
-seed-search rounds they need (a stronger policy: fewer decode steps, 432 vs 630 at temperature
-0.4 in one measurement), which the batched path runs as whole extra phases.
+What it buys, measured (bench/method_overhead.py, README "What a reset method costs"): fewer
+sequential decode steps where prompts differ in how many seed-search rounds they need or wait for
+room in a full batch (1.2x GRPO's instead of the batched path's 1.8x at 128 prompts x 8 rows on
+the 256-row batch), but no time on CPU: rows that join late cost extra prefills and either padding
+or forwards of their own (cohorts, engine/hf.py), which eat what the overlap saves. Both paths are
+bound below by the same critical path, the slowest prompt's seed chain -> its localization -> its
+suffixes; on the tiny preset every chain of a prompt has about the same length, so that path is the
+whole story there (1.9x GRPO's decode steps either way, 92 per step against 48). Where rows fill
+the batch many times over, time follows tokens and both paths cost what GRPO costs (generation
+1.12x at 128 prompts); an engine with a paged KV cache (vLLM) pays no padding for late rows.
 
 A prompt's work is a generator (a "flow") that yields operations and receives their results:
 
