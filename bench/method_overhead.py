@@ -23,10 +23,11 @@ Printed beside the paper's 1.31x total and 1.61x generation (tables 7-8); goal: 
 generation <= 1.15.
 
 Every in-process repeat trains each variant from the same initial policy for `--steps` steps (a
-fresh session each), in a rotating order; the ratio of a repeat pairs SRPO with that repeat's GRPO
-(the machine is shared and noisy) and the script prints the median over repeats with every
-repeat's value. GRPO has no event-driven path (its one generate call already is one batch), so one
-GRPO run per repeat serves both ratios. The flow section runs one training per method and shard
+fresh session each), the three interleaved step by step in a rotating order, so that a step of
+SRPO is paired with the same step of GRPO measured moments apart (the machine is shared and its
+speed drifts over minutes); the script prints the median over the paired steps with their range.
+GRPO has no event-driven path (its one generate call already is one batch), so one GRPO training
+per repeat serves both ratios. The flow section runs one training per method and shard
 count (`--flow-shards`, `--flow-steps`; `--flow-shards` with no value skips it) and prints medians
 over its epoch steps.
 
@@ -79,22 +80,30 @@ def sized(cfg, steps: int):
     return cfg if cfg.data.train_size >= need else cfg.override(**{"data.train_size": need})
 
 
-def measure(cfg, steps: int, counter: DecodeSteps) -> dict[str, float]:
+def measure(cfgs: dict, steps: int, counter: DecodeSteps, repeat: int) -> dict[str, list[dict[str, float]]]:
+    """Train every variant for `steps` steps from the same initial policy, interleaved step by step
+    (the order rotating), so the paired steps of two variants are measured close in time."""
     from srpo_core import data_order
     from srpo_core.loop import open_session, train_step
 
-    session = open_session(cfg)
-    items = data_order.train_items(cfg)
-    batches = data_order.batches_of(cfg, items)
-    out = {"phase": 0.0, "generation": 0.0, "decode_steps": 0.0, "tokens": 0.0}
+    sessions = {name: open_session(cfg) for name, cfg in cfgs.items()}
+    names = list(cfgs)
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for k in range(steps):
-        before = counter.count
-        result = train_step(session, [items[i] for i in batches[k]], k)
-        t = result.timings
-        out["phase"] += t["step"]
-        out["generation"] += t.get("generation", 0.0) + t.get("localization", 0.0) + t.get("suffix", 0.0)
-        out["decode_steps"] += counter.count - before
-        out["tokens"] += result.metrics["tokens/generated"]
+        turn = (repeat + k) % len(names)
+        for name in names[turn:] + names[:turn]:
+            cfg = cfgs[name]
+            items = data_order.train_items(cfg)
+            batch = [items[i] for i in data_order.batches_of(cfg, items)[k]]
+            before = counter.count
+            result = train_step(sessions[name], batch, k)
+            t = result.timings
+            out[name].append({
+                "phase": t["step"],
+                "generation": t.get("generation", 0.0) + t.get("localization", 0.0) + t.get("suffix", 0.0),
+                "decode_steps": counter.count - before,
+                "tokens": result.metrics["tokens/generated"],
+            })
     return out
 
 
@@ -108,25 +117,26 @@ def in_process(args, common: dict) -> None:
     }
     counter = DecodeSteps()
     names = list(variants)
-    runs: dict[str, list[dict]] = {n: [] for n in names}
+    cfgs = {name: sized(load_config(args.config, {**common, **over}), args.steps) for name, over in variants.items()}
+    steps: dict[str, list[dict]] = {n: [] for n in names}  # every (repeat, step), in the same order per variant
     t0 = time.perf_counter()
     for r in range(args.repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
-            cfg = sized(load_config(args.config, {**common, **variants[name]}), args.steps)
-            runs[name].append(measure(cfg, args.steps, counter))
-    cfg = sized(load_config(args.config, common), args.steps)
+        for name, got in measure(cfgs, args.steps, counter, r).items():
+            steps[name].extend(got)
+    cfg = cfgs["grpo"]
     rows = cfg.train.prompts_per_step * 8
     regime = f"{rows} rows <= the batch cap {CAP}: latency-bound" if rows <= CAP else f"{rows} rows = {rows / CAP:.0f}x the batch cap {CAP}: throughput-bound"
-    print(f"IN PROCESS: {args.config} preset, {cfg.train.prompts_per_step} prompts x 8 rollouts per step ({regime}), {args.steps} steps x {args.repeats} repeats, localizer {args.localizer}, "
+    print(f"IN PROCESS: {args.config} preset, {cfg.train.prompts_per_step} prompts x 8 rollouts per step ({regime}), {args.repeats} repeats x {args.steps} steps, localizer {args.localizer}, "
           f"overrides {common or 'none'} ({time.perf_counter() - t0:.0f} s)")
-    for name in names:
-        med = {k: statistics.median(run[k] for run in runs[name]) for k in runs[name][0]}
-        print(f"  {name:13s} median: phase {med['phase']:.2f} s  generation {med['generation']:.2f} s  decode steps {med['decode_steps']:.0f}  tokens {med['tokens']:.0f}")
     keys = ("phase", "generation", "decode_steps", "tokens")
-    print(f"  {'SRPO/GRPO':16s} {'phase':>22s} {'generation':>22s} {'decode steps':>13s} {'tokens':>7s}")
+    for name in names:
+        total = {k: sum(s[k] for s in steps[name]) / args.repeats for k in keys}
+        t = {k: f"{v:.2f}" if k != "decode_steps" else f"{v:.0f}" for k, v in total.items()}
+        print(f"  {name:13s} per {args.steps}-step training: phase {t['phase']} s  generation {t['generation']} s  decode steps {t['decode_steps']}  tokens {total['tokens']:.0f}")
+    print(f"  {'SRPO/GRPO':16s} {'phase':>22s} {'generation':>22s} {'decode steps':>13s} {'tokens':>7s}   (median [min, max] over the {len(steps['grpo'])} paired steps)")
     for name in names[1:]:
-        ratios = {k: [s[k] / g[k] for s, g in zip(runs[name], runs["grpo"])] for k in keys}
-        cell = lambda v: f"{statistics.median(v):.2f}x [" + ",".join(f"{x:.2f}" for x in v) + "]"  # noqa: E731
+        ratios = {k: [s[k] / g[k] for s, g in zip(steps[name], steps["grpo"])] for k in keys}
+        cell = lambda v: f"{statistics.median(v):.2f}x [{min(v):.2f},{max(v):.2f}]"  # noqa: E731
         steps_ratio, tokens_ratio = statistics.median(ratios["decode_steps"]), statistics.median(ratios["tokens"])
         print(f"  {name.split('/')[1]:16s} {cell(ratios['phase']):>22s} {cell(ratios['generation']):>22s} {steps_ratio:>12.2f}x {tokens_ratio:>6.2f}x")
     footer()
