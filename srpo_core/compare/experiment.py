@@ -284,27 +284,27 @@ def write_experiment_file(out_dir: Path, info: dict) -> Path:
 # ---- the command ---------------------------------------------------------------------------------------
 
 
-def main(args) -> int:
-    """`srpo compare --preset NAME` (compare.register adds the options)."""
-    from srpo_core import tracking
-    from srpo_core.compare import run_comparison
-    from srpo_core.compare.experiment_report import log_report, write_report
-    from srpo_core.config import load_config, parse_overrides
-
+def design_of(args) -> ExperimentDesign:
+    """The design `args.preset` names; ConfigError for the options the design sets itself."""
     design = get(args.preset)
     for flag, value in (("--config", args.config), ("--splits", args.splits), ("--localizers", args.localizers)):
         if value:
             raise ConfigError(f"{flag}: not with --preset {design.name} (the design sets the preset, splits and localizers: srpo_core/compare/experiment.py)")
-    report = Path(args.report or design.report_path)
-    if args.report_from:
-        out = write_report(Path(args.report_from), report)
-        print(f"report {out.markdown} ({len(out.figures)} figures in {out.figures_dir})")
-        return 0
-    if args.threads > 0:
-        import torch
+    return design
 
-        torch.set_num_threads(args.threads)
+
+def start_experiment(args, comparison_id: str | None = None, command: str | None = None):
+    """Plan the experiment `args.preset` names (args: the `srpo compare` options), open its MLflow
+    parent run and write `experiment.json` into the output folder. Returns (plan, info, report
+    path); `finish_experiment` completes it once the plan's trainings ran (in process: `main`; as a
+    Metaflow fan-out: flows/compare_flow.py). `command` is what reproduces the run (default: the
+    `srpo compare` line)."""
+    from srpo_core import tracking
+    from srpo_core.config import load_config, parse_overrides
+
+    design = design_of(args)
     check_pass_k(args.samples, args.pass_k)
+    report = Path(args.report or design.report_path)
     out_dir = Path(args.out or f"runs/{design.name}")
     seeds = list(args.seeds) if args.seeds else list(design.seeds)
     cfg = load_config(design.preset, parse_overrides(args.set or []))
@@ -314,6 +314,7 @@ def main(args) -> int:
         cfg,
         arms,
         out_dir=out_dir,
+        comparison_id=comparison_id,
         seeds=seeds,
         steps=args.steps if args.steps is not None else design.steps,
         benchmarks=args.benchmarks,
@@ -340,7 +341,7 @@ def main(args) -> int:
         "steps": max((s.steps for s in plan.specs), default=0),
         "eval_steps": plan.specs[0].eval_steps if plan.specs else [],
         "eval_items": plan.specs[0].eval_items if plan.specs else {},
-        "command": command_line(args),
+        "command": command or command_line(args),
         "commit": code_version(),
         "preset": design.preset,
         "model": cfg.model.name_or_path,
@@ -352,16 +353,42 @@ def main(args) -> int:
     }
     write_experiment_file(out_dir, info)
     print(f"experiment {design.name} ({plan.comparison_id}): {len(plan.specs)} trainings ({', '.join(plan.labels)} x seeds {' '.join(map(str, seeds))}), {info['steps']} steps each")
+    return plan, info, report
+
+
+def finish_experiment(out_dir: Path, info: dict, report: Path, wall_s: float):
+    """After the trainings and compare.finish_comparison: the wall time into `experiment.json`, the
+    report and its figures written (experiment_report.write_report) and logged to the parent run."""
+    from srpo_core.compare.experiment_report import log_report, write_report
+
+    info = {**info, "wall_s": wall_s, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    write_experiment_file(Path(out_dir), info)
+    out = write_report(Path(out_dir), Path(report))
+    if info.get("parent_run_id"):
+        log_report(info["tracking_uri"], info["parent_run_id"], out)
+    return out
+
+
+def main(args) -> int:
+    """`srpo compare --preset NAME` (compare.register adds the options)."""
+    from srpo_core.compare import run_comparison
+    from srpo_core.compare.experiment_report import write_report
+
+    design = design_of(args)
+    if args.report_from:
+        out = write_report(Path(args.report_from), Path(args.report or design.report_path))
+        print(f"report {out.markdown} ({len(out.figures)} figures in {out.figures_dir})")
+        return 0
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    plan, info, report = start_experiment(args)
     t0 = time.perf_counter()
     run_comparison(plan, progress=not args.quiet)
-    info["wall_s"] = time.perf_counter() - t0
-    info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    write_experiment_file(out_dir, info)
-    out = write_report(out_dir, report)
-    if plan.parent_run_id:
-        log_report(plan.tracking_uri, plan.parent_run_id, out)
+    out = finish_experiment(Path(plan.out_dir), info, report, time.perf_counter() - t0)
     print(out.summary)
-    print(f"wall time {info['wall_s']:.0f}s; report {out.markdown}, figures in {out.figures_dir}, comparison files in {out_dir}")
+    print(f"wall time {time.perf_counter() - t0:.0f}s; report {out.markdown}, figures in {out.figures_dir}, comparison files in {plan.out_dir}")
     if plan.parent_run_id:
         print(f"MLflow: {plan.tracking_uri} experiment {args.experiment!r}, parent run {plan.parent_run_id}")
     return 0
