@@ -87,16 +87,17 @@ def measure(cfgs: dict, steps: int, counter: DecodeSteps, repeat: int) -> dict[s
     from srpo_core.loop import open_session, train_step
 
     sessions = {name: open_session(cfg) for name, cfg in cfgs.items()}
+    step_items = {}  # name -> the items of each step
+    for name, cfg in cfgs.items():
+        items = data_order.train_items(cfg)
+        step_items[name] = [[items[i] for i in batch] for batch in data_order.batches_of(cfg, items)[:steps]]
     names = list(cfgs)
     out: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for k in range(steps):
         turn = (repeat + k) % len(names)
         for name in names[turn:] + names[:turn]:
-            cfg = cfgs[name]
-            items = data_order.train_items(cfg)
-            batch = [items[i] for i in data_order.batches_of(cfg, items)[k]]
             before = counter.count
-            result = train_step(sessions[name], batch, k)
+            result = train_step(sessions[name], step_items[name][k], k)
             t = result.timings
             out[name].append({
                 "phase": t["step"],

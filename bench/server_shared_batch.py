@@ -42,14 +42,12 @@ def main() -> None:
     from srpo_core import templates
     from srpo_core.config import load_config
     from srpo_core.server.launch import start_server
+    from srpo_core.shard import limits_of
     from srpo_core.tasks import get_task
     from srpo_core.tiny.build import resolve_model_path
 
     cfg = load_config("tiny")
-    r = cfg.rollout
-    from srpo_core.engine.base import ThoughtLimits
-
-    limits = ThoughtLimits(max_thoughts=r.max_thoughts, max_thought_tokens=r.max_thought_tokens, max_response_tokens=r.max_response_tokens, max_model_len=cfg.model.max_model_len)
+    limits = limits_of(cfg)  # the phases' thought limits (stop string included)
     items = get_task("synthetic").items("train", max(args.prompts), 0)
     times: dict[tuple[str, int], list[float]] = {}
     path = resolve_model_path(cfg.model.name_or_path)
@@ -57,7 +55,7 @@ def main() -> None:
         for mode, extra in (("shared", ()), ("serial", ("--serial-calls",)))[:: 1 if rep % 2 == 0 else -1]:
             with tempfile.TemporaryDirectory() as tmp, start_server(path, threads=1, extra_args=extra, workdir=tmp) as handle:
                 engine = handle.engine()
-                prompts = [tuple(engine.encode(templates.rollout_prompt(r.template, it.question))) for it in items]
+                prompts = [tuple(engine.encode(templates.rollout_prompt(cfg.rollout.template, it.question))) for it in items]
                 for n in args.prompts:
                     shards = [prompts[:n][k :: args.shards] for k in range(args.shards)]
                     concurrent_calls(engine, shards, limits, seed=1000)  # warm-up

@@ -128,8 +128,11 @@ def test_concurrent_calls_decode_in_one_batch_with_the_results_they_get_alone(ho
         batch.run([handle])
         steps += batch.stats["decode_steps"]
     assert host.shared.stats["decode_steps"] < steps
-    assert_same(serial.run_batched(None, *calls(engine64)[0])[1], alone[0])  # --serial-calls: the plain path
-    assert serial.shared is None
+    try:
+        assert_same(serial.run_batched(None, *calls(engine64)[0])[1], alone[0])  # --serial-calls: the plain path
+        assert serial.shared is None
+    finally:
+        serial.close()
 
 
 def test_a_call_pinned_to_other_weights_fails_alone(host, engine64):
