@@ -224,6 +224,24 @@ def _curve_band(values: list[float], n_items: int) -> tuple[float, float, float]
     return m, m, m
 
 
+def _finish_panels(fig, axes, n_panels: int, legend_cols: int, title: str, path: Path) -> Path:
+    """The common end of a per-benchmark panel figure: the unused panels hidden, one legend (the
+    first panel's lines, at most `legend_cols` columns) below the panels, the title above, saved
+    to `path` with a tight bounding box and the figure closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[n_panels:]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), legend_cols), fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list[TrainingResult], path: Path, x: str = "step") -> Path:
     """Accuracy against training step (`x="step"`) or against the rollouts consumed in training
     up to the evaluation (`x="rollouts"`, TrainingResult.rollouts_at: the actual count, mean over
@@ -274,18 +292,9 @@ def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list
         ax.set_xlabel("training step" if x == "step" else "rollouts consumed in training")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(benchmarks) :]:
-        ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4), fontsize=9)
     several = [lab for lab, k in seeds_per_label.items() if k > 1]
     band = "mean ± SD over seeds" if len(several) == len(labels) else ("Wilson 95% over items (one seed)" if not several else "± SD over seeds; one seed: Wilson 95%")
-    fig.suptitle(f"Accuracy vs {'training step' if x == 'step' else 'rollouts consumed'} ({band})", fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _finish_panels(fig, axes, len(benchmarks), 4, f"Accuracy vs {'training step' if x == 'step' else 'rollouts consumed'} ({band})", path)
 
 
 # ---- pass@k ----------------------------------------------------------------------------------------
@@ -439,17 +448,8 @@ def plot_passk_curves(table: PassKTable, path: Path) -> Path:
         ax.set_xlabel("k (samples per item)")
         ax.set_ylabel("pass@k (%)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(bench) :]:
-        ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 5), fontsize=9)
     band = " / ".join(sorted(kinds)) or WILSON95
-    fig.suptitle(f"pass@k after training (band: {band}; Base: step 0, dashed)", fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _finish_panels(fig, axes, len(bench), 5, f"pass@k after training (band: {band}; Base: step 0, dashed)", path)
 
 
 def plot_audits(labels: list[str], specs: list[RunSpec], out: Path) -> list[Path]:
