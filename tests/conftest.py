@@ -31,6 +31,15 @@ def tiny_model(tiny_model_path):
 
 
 @pytest.fixture(scope="module")
+def hf(tiny_model):
+    """The HF engine over the tiny model: the reference the other engines' chains must equal."""
+    from srpo_core.engine.hf import HFEngine
+
+    model, tok = tiny_model
+    return HFEngine(model, tok)
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module, restored afterwards: the same float32 arithmetic in a server
     and an in-process reference (so sampled chains match), and no OpenMP spin-waiting on a shared

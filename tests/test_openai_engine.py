@@ -32,7 +32,7 @@ from srpo_core.engine.openai_api import OpenAIEngine, adapter_name
 from srpo_core.engine.remote import AdapterVersionError, RemoteEngineError, ServerAuthError, ServerNotReadyError, ServerUnreachableError
 from srpo_core.engine.vllm import VLLMEngine, derive_seed
 from srpo_core.server.adapters import adapter_sha256
-from tests.test_vllm import FAKE_API, GREEDY, LIMITS, TIGHT, FakeLLM, FakeSamplingParams, assert_same, prompts
+from tests.test_vllm import FAKE_API, GREEDY, LIMITS, TIGHT, FakeLLM, FakeSamplingParams, assert_same, assert_scripted_chain, prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -170,14 +170,6 @@ class StandInVLLM:
         return 200, {"id": "cmpl-1", "object": "text_completion", "created": int(time.time()), "model": body["model"], "choices": choices, "usage": {}}
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_model):
-    from srpo_core.engine.hf import HFEngine
-
-    model, tok = tiny_model
-    return HFEngine(model, tok)
-
-
 @pytest.fixture
 def server(tiny_model):
     model, tok = tiny_model
@@ -269,10 +261,8 @@ def test_stop_string_thoughts_and_eos_are_read_from_finish_and_stop_reason(engin
     limits = ThoughtLimits(max_thoughts=10, max_thought_tokens=max(len(thought), len(tail)), max_response_tokens=64, max_model_len=512)
     engine.adapter_version = "base"
     ((r,),) = engine.generate_thoughts([ThoughtRequest((5, 6))], limits, GREEDY)
-    assert r.finish_reason == "eos" and tok.eos_token_id not in r.response_ids
-    assert r.response_ids == thought + cut + tail[:-1]
-    assert r.spans == [(0, len(thought)), (len(thought), len(thought) + len(cut)), (len(thought) + len(cut), len(r.response_ids))]
-    assert r.thoughts[0] == "1+2=3</thought>" and len(r.logprobs) == len(r.response_ids) and r.adapter_version == "base"
+    assert_scripted_chain(r, [thought, cut, tail], tok, "base")
+    assert r.thoughts[0] == "1+2=3</thought>"
 
 
 # ---- adapters: a name holds its content ------------------------------------------------------------------

@@ -12,6 +12,7 @@ LoRA adapter, and the inference server with `--engine vllm` passing the weight-s
 
 from __future__ import annotations
 
+import itertools
 import types
 from collections import namedtuple
 
@@ -139,12 +140,6 @@ class FakeLLM:
 FAKE_API = types.SimpleNamespace(LLM=None, SamplingParams=FakeSamplingParams, TokensPrompt=FakeTokensPrompt, LoRARequest=LoRARequest)
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_model):
-    model, tok = tiny_model
-    return HFEngine(model, tok)
-
-
 @pytest.fixture
 def fake(tiny_model):
     model, tok = tiny_model
@@ -153,6 +148,18 @@ def fake(tiny_model):
 
 def prompts(engine, n, seed=3):
     return [engine.encode(templates.rollout_prompt("tiny_rollout_v1", p.question)) for p in synthetic.make_split("test", n, seed)]
+
+
+def assert_scripted_chain(r, pieces: list[list[int]], tok, adapter_version: str) -> None:
+    """The chain read from scripted calls, one thought per call (`pieces`: each call's token ids,
+    the last ending in EOS): the ids concatenated with the EOS dropped, one span per call, finish
+    "eos", one logprob per response token, the engine's adapter version."""
+    assert r.finish_reason == "eos" and tok.eos_token_id not in r.response_ids
+    assert r.response_ids == [t for p in pieces for t in p][:-1]
+    ends = list(itertools.accumulate(len(p) for p in pieces))
+    ends[-1] -= 1  # the EOS token
+    assert r.spans == list(zip([0] + ends[:-1], ends))
+    assert len(r.logprobs) == len(r.response_ids) and r.adapter_version == adapter_version
 
 
 def assert_same(got, want, lp_tol=1e-4):
@@ -247,9 +254,8 @@ def test_eos_ends_the_chain_and_is_dropped(tiny_model):
 
     eng = VLLMEngine(llm=Scripted(), api=FAKE_API, adapter_version="v7")
     (r,), = eng.generate_thoughts([ThoughtRequest((5, 6))], LIMITS, GREEDY)
-    assert r.finish_reason == "eos" and tok.eos_token_id not in r.response_ids
-    assert r.response_ids == thought + tail[:-1] and r.spans == [(0, len(thought)), (len(thought), len(thought) + 3)]
-    assert r.thoughts == ["1+2=3</thought>", "3*3"] and len(r.logprobs) == len(r.response_ids) and r.adapter_version == "v7"
+    assert_scripted_chain(r, [thought, tail], tok, "v7")
+    assert r.thoughts == ["1+2=3</thought>", "3*3"]
 
 
 def test_lora_requests_never_reuse_an_id(fake):
