@@ -255,26 +255,37 @@ SEEDS = (0, 1)
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def comparison(mlflow_server, tiny_model_path, tmp_path_factory):
+def run_compare(flags: list[str], out, tracking_uri: str, experiment: str) -> str:
+    """`srpo compare` of the tiny preset with `flags`, written to `out` and tracked under
+    `experiment`, on one torch thread (fastest for the tiny model on a shared machine); it must
+    succeed. Returns what it printed."""
+    import contextlib
+
     import torch
 
-    out = tmp_path_factory.mktemp("compare")
     parser = argparse.ArgumentParser()
     C.register(parser.add_subparsers())
-    args = parser.parse_args([
-        "compare", "--config", "tiny", "--methods", "grpo", "rrpo", "srpo", "--seeds", *map(str, SEEDS), "--steps", str(STEPS),
+    args = parser.parse_args(["compare", "--config", "tiny", *flags, "--out", str(out), "--tracking-uri", tracking_uri, "--experiment", experiment, "--quiet"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert args.func(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def comparison(mlflow_server, tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    run_compare([
+        "--methods", "grpo", "rrpo", "srpo", "--seeds", *map(str, SEEDS), "--steps", str(STEPS),
         "--benchmarks", "commonsenseqa:12", "--eval-every", "1",
         "--set", f"model.name_or_path={tiny_model_path}", "train.prompts_per_step=8", "train.mini_batch_prompts=8",
         "data.train_size=16", "eval.items_per_benchmark=30",
-        "--out", str(out), "--tracking-uri", mlflow_server, "--experiment", "compare-test", "--quiet",
-    ])  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # fastest for the tiny model on a shared machine
-    try:
-        assert args.func(args) == 0
-    finally:
-        torch.set_num_threads(threads)
+    ], out, mlflow_server, "compare-test")  # fmt: skip
     return out, mlflow_server
 
 
@@ -388,28 +399,13 @@ BUDGET = 16  # tiny at 2 prompts x 8 rollouts: grpo/srpo 2 prompts, srppo 16
 
 @pytest.fixture(scope="module")
 def passk_comparison(mlflow_server, tiny_model_path, tmp_path_factory):
-    import contextlib
-
-    import torch
-
     out = tmp_path_factory.mktemp("compare_passk")
-    parser = argparse.ArgumentParser()
-    C.register(parser.add_subparsers())
-    args = parser.parse_args([
-        "compare", "--config", "tiny", "--methods", "grpo", "srpo", "srppo", "--seeds", "0", "--steps", "1", "--eval-every", "0",
+    printed = run_compare([
+        "--methods", "grpo", "srpo", "srppo", "--seeds", "0", "--steps", "1", "--eval-every", "0",
         "--samples", "4", "--eval-items", "8",
         "--set", f"model.name_or_path={tiny_model_path}", "train.prompts_per_step=2", "train.mini_batch_prompts=2", "data.train_size=4",
-        "--out", str(out), "--tracking-uri", mlflow_server, "--experiment", "compare-passk-test", "--quiet",
-    ])  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            assert args.func(args) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out, mlflow_server, printed.getvalue()
+    ], out, mlflow_server, "compare-passk-test")  # fmt: skip
+    return out, mlflow_server, printed
 
 
 def test_equal_budget_run_records_and_consumes_it(passk_comparison):
