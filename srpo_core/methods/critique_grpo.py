@@ -29,7 +29,8 @@ from srpo_core import templates
 from srpo_core.engine.base import ThoughtRequest
 from srpo_core.methods import register
 from srpo_core.methods.base import Method, Variant, records_to_shard
-from srpo_core.methods.score import LossVariant, paired_template
+from srpo_core.methods.grpo import sample_iid
+from srpo_core.methods.score import LossVariant, paired_template, verify_first_attempts
 from srpo_core.tasks.base import is_incorrect
 
 CRITIQUES = {True: "The generated solution is correct.", False: "The generated solution is incorrect."}
@@ -89,15 +90,10 @@ class CritiqueGRPO(Method):
         return "Critique-GRPO"
 
     def generate(self, ctx, shard) -> None:
-        g = ctx.cfg.method.rollouts_per_prompt
-        shard.pending = R.sample(ctx.policy, shard.states, [g] * len(shard.states), ctx.limits, R.round_sampling(ctx.sampling("generate"), 0))
-        shard.rounds = 1
+        sample_iid(ctx, shard, ctx.cfg.method.rollouts_per_prompt)
 
     def verify(self, ctx, shard) -> None:
-        for state, rollouts in zip(shard.states, shard.pending):
-            state.base = R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished)
-            state.attempts = len(rollouts)
-        shard.pending = []
+        verify_first_attempts(ctx, shard)
 
     def suffix(self, ctx, shard) -> None:
         start = time.perf_counter()

@@ -28,6 +28,7 @@ from srpo_core import templates
 from srpo_core.engine.base import Rollout, SamplingParams, ThoughtRequest
 from srpo_core.methods import register
 from srpo_core.methods.base import Method, Variant, records_to_shard
+from srpo_core.methods.grpo import sample_iid
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,15 @@ def with_second(state: R.PromptState) -> list[int]:
     return [j for j, a in enumerate(state.base) if a.rollout.spans]
 
 
+def verify_first_attempts(ctx, shard) -> None:
+    """Score the pending first attempts as each prompt's `base` (SCoRe's y1, Critique-GRPO's
+    originals; unlike GRPO's group, a chain with no thought keeps the verifier's reward)."""
+    for state, rollouts in zip(shard.states, shard.pending):
+        state.base = R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished)
+        state.attempts = len(rollouts)
+    shard.pending = []
+
+
 class Score(Method):
     name = "score"
     description = "4 pairs (y1, y2): y2 from question + y1 + instruction; shaped reward R(y2) + alpha (R(y2) - R(y1)), KL to the base"
@@ -119,15 +129,10 @@ class Score(Method):
         return "SCoRe"
 
     def generate(self, ctx, shard) -> None:
-        pairs = ctx.cfg.method.rollouts_per_prompt // 2
-        shard.pending = R.sample(ctx.policy, shard.states, [pairs] * len(shard.states), ctx.limits, R.round_sampling(ctx.sampling("generate"), 0))
-        shard.rounds = 1
+        sample_iid(ctx, shard, ctx.cfg.method.rollouts_per_prompt // 2)  # the first attempts y1, one per pair
 
     def verify(self, ctx, shard) -> None:
-        for state, rollouts in zip(shard.states, shard.pending):
-            state.base = R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished)
-            state.attempts = len(rollouts)
-        shard.pending = []
+        verify_first_attempts(ctx, shard)
 
     def suffix(self, ctx, shard) -> None:
         start = time.perf_counter()
