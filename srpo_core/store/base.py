@@ -131,6 +131,13 @@ def _validate_data_key(key: str) -> str:
     return key
 
 
+def _check_put(key: str) -> None:
+    """What every immutable write checks first: a data key outside the pointer namespace, then
+    the fault point (tests/test_faults.py)."""
+    _validate_data_key(key)
+    fault_point("put", key)
+
+
 def _validate_prefix(prefix: str) -> str:
     return "" if prefix == "" else validate_key(prefix.rstrip("/"), what="prefix")
 
@@ -211,13 +218,24 @@ class Store(abc.ABC):
     def uri(self) -> str:
         """The root this store was opened on (``/abs/dir`` or ``s3://bucket/prefix``)."""
 
-    @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
         """Create immutable ``key`` with ``data`` (same content again: no-op)."""
+        _check_put(key)
+        return self._put_bytes(key, data, sha256_bytes(data))
 
-    @abc.abstractmethod
     def put_file(self, key: str, path: str | os.PathLike[str]) -> StoredObject:
         """Create immutable ``key`` from a local file (same content again: no-op)."""
+        _check_put(key)
+        sha, size = sha256_file(path)
+        return self._put_file(key, Path(path), sha, size)
+
+    @abc.abstractmethod
+    def _put_bytes(self, key: str, data: bytes, sha: str) -> StoredObject:
+        """put_bytes after its checks: ``key`` is a data key, ``sha`` the sha256 of ``data``."""
+
+    @abc.abstractmethod
+    def _put_file(self, key: str, path: Path, sha: str, size: int) -> StoredObject:
+        """put_file after its checks: ``key`` is a data key, ``sha`` and ``size`` the file's."""
 
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:

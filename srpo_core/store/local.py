@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from srpo_core.store.base import (  # noqa: F401
+from srpo_core.store.base import (
     _LOCAL_VERSIONS_DIR,
     _TMP_MARK,
     ImmutableKeyError,
@@ -21,12 +21,8 @@ from srpo_core.store.base import (  # noqa: F401
     StoreUnreachableError,
     _atomic_write_local,
     _iter_file,
-    _join,
-    _local_files,
-    _validate_data_key,
     _validate_prefix,
     fault_point,
-    sha256_bytes,
     sha256_file,
     validate_key,
 )
@@ -51,16 +47,11 @@ class LocalStore(Store):
         return self.root.joinpath(_LOCAL_VERSIONS_DIR, *validate_key(name, what="pointer name").split("/"))
 
     # -- immutable writes
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        _validate_data_key(key)
-        fault_point("put", key)
-        return self._put(key, sha256_bytes(data), len(data), lambda: iter([data]))
+    def _put_bytes(self, key: str, data: bytes, sha: str) -> StoredObject:
+        return self._put(key, sha, len(data), lambda: iter([data]))
 
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> StoredObject:
-        _validate_data_key(key)
-        fault_point("put", key)
-        sha, size = sha256_file(path)
-        return self._put(key, sha, size, lambda: _iter_file(Path(path)))
+    def _put_file(self, key: str, path: Path, sha: str, size: int) -> StoredObject:
+        return self._put(key, sha, size, lambda: _iter_file(path))
 
     def _put(self, key: str, sha: str, size: int, chunks) -> StoredObject:
         dest = self._path(key)

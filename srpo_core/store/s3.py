@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from srpo_core.store.base import (  # noqa: F401
+from srpo_core.store.base import (
     _CHUNK,
-    _TMP_MARK,
     ENV_S3_ENDPOINT,
     ImmutableKeyError,
     KeyNotFoundError,
@@ -23,14 +22,10 @@ from srpo_core.store.base import (  # noqa: F401
     StoredObject,
     StoreError,
     StoreUnreachableError,
-    _iter_file,
     _join,
-    _local_files,
-    _validate_data_key,
     _validate_prefix,
     fault_point,
     sha256_bytes,
-    sha256_file,
     validate_key,
 )
 
@@ -157,20 +152,14 @@ class S3Store(Store):
             raise self._translate(exc, key) from exc
 
     # -- immutable writes
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        _validate_data_key(key)
-        fault_point("put", key)
-        sha = sha256_bytes(data)
+    def _put_bytes(self, key: str, data: bytes, sha: str) -> StoredObject:
         return self._put(key, sha, len(data), lambda cond: self._put_object(key, io.BytesIO(data), sha, cond))
 
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> StoredObject:
-        _validate_data_key(key)
-        fault_point("put", key)
-        sha, size = sha256_file(path)
+    def _put_file(self, key: str, path: Path, sha: str, size: int) -> StoredObject:
         if size > self.multipart_threshold:
-            upload = lambda cond: self._multipart_upload(key, Path(path), sha, cond)  # noqa: E731
+            upload = lambda cond: self._multipart_upload(key, path, sha, cond)  # noqa: E731
         else:
-            upload = lambda cond: self._put_file_object(key, Path(path), sha, cond)  # noqa: E731
+            upload = lambda cond: self._put_file_object(key, path, sha, cond)  # noqa: E731
         return self._put(key, sha, size, upload)
 
     def _put(self, key: str, sha: str, size: int, upload) -> StoredObject:
