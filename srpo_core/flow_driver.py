@@ -440,13 +440,19 @@ def collect_history(plan: Plan, client) -> History:
     outcomes: dict[str, dict[int, list[dict]]] = {}
     for key in store.list(f"runs/{plan.training_id}/eval/"):  # runs/<tid>/eval/<step>/<run>/<benchmark>.jsonl
         at, _, name = key.split("/")[3], key.split("/")[4], key.rsplit("/", 1)[1].removesuffix(".jsonl")
-        outcomes.setdefault(name, {})[int(at)] = [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+        outcomes.setdefault(name, {})[int(at)] = _jsonl(store.get_bytes(key))
     records = []
     for step in range(plan.total_steps):
-        key = f"{S.step_prefix(plan.training_id, step)}/rollouts.jsonl"
-        if store.exists(key):
-            records += [json.loads(line) for line in store.get_bytes(key).decode().splitlines() if line.strip()]
+        try:  # one read per step; a step without records has no key
+            records += _jsonl(store.get_bytes(f"{S.step_prefix(plan.training_id, step)}/rollouts.jsonl"))
+        except S.KeyNotFoundError:
+            pass
     return History(curves, reward, hist, dict(keys), outcomes, records)
+
+
+def _jsonl(data: bytes) -> list[dict]:
+    """The objects of a stored JSON-lines file, blank lines skipped."""
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
