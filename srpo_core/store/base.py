@@ -237,6 +237,16 @@ class Store(abc.ABC):
     def _put_file(self, key: str, path: Path, sha: str, size: int) -> StoredObject:
         """put_file after its checks: ``key`` is a data key, ``sha`` and ``size`` the file's."""
 
+    def _stored_sha(self, key: str) -> str:
+        """stored_sha256 of a checked ``key``: here a download, a backend's own where it has a cheaper way."""
+        return sha256_bytes(self.get_bytes(key))
+
+    def _check_same(self, key: str, sha: str) -> None:
+        """An immutable ``key`` that exists already: the same content (sha256 ``sha``) is a no-op, other content an error."""
+        existing = self._stored_sha(key)
+        if existing != sha:
+            raise ImmutableKeyError(f"key {key!r} already exists in {self.uri} with different content (stored sha256 {existing}, new {sha}); keys are immutable")
+
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """Content of ``key``; KeyNotFoundError if absent."""
@@ -247,7 +257,7 @@ class Store(abc.ABC):
 
     def stored_sha256(self, key: str) -> str:
         """sha256 of what is stored at ``key`` now (backends answer without a download where they can)."""
-        return sha256_bytes(self.get_bytes(key))
+        return self._stored_sha(validate_key(key))
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:

@@ -13,7 +13,6 @@ from pathlib import Path
 from srpo_core.store.base import (
     _LOCAL_VERSIONS_DIR,
     _TMP_MARK,
-    ImmutableKeyError,
     KeyNotFoundError,
     PointerVersion,
     Store,
@@ -56,7 +55,7 @@ class LocalStore(Store):
     def _put(self, key: str, sha: str, size: int, chunks) -> StoredObject:
         dest = self._path(key)
         if dest.exists():
-            self._check_same(key, dest, sha)
+            self._check_same(key, sha)
             return StoredObject(key, sha, size)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f"{_TMP_MARK}{uuid.uuid4().hex}-{dest.name}"
@@ -76,20 +75,15 @@ class LocalStore(Store):
         try:
             os.link(tmp, dest)
         except FileExistsError:
-            self._check_same(key, dest, sha)
+            self._check_same(key, sha)
         except OSError:  # filesystem without hard links: check, then atomic replace
             if dest.exists():
-                self._check_same(key, dest, sha)
+                self._check_same(key, sha)
             else:
                 os.replace(tmp, dest)
 
-    def _check_same(self, key: str, dest: Path, sha: str) -> None:
-        existing, _ = sha256_file(dest)
-        if existing != sha:
-            raise ImmutableKeyError(
-                f"key {key!r} already exists in {self.root} with different content "
-                f"(stored sha256 {existing}, new {sha}); keys are immutable"
-            )
+    def _stored_sha(self, key: str) -> str:
+        return sha256_file(self._path(key))[0]
 
     # -- reads
     def get_bytes(self, key: str) -> bytes:
@@ -115,7 +109,7 @@ class LocalStore(Store):
         validate_key(key)
         if not self._path(key).is_file():
             raise KeyNotFoundError(f"key not found: {self.describe(key)}")
-        return sha256_file(self._path(key))[0]
+        return self._stored_sha(key)
 
     def discard(self, key: str) -> None:
         validate_key(key)

@@ -15,7 +15,6 @@ from typing import Any, BinaryIO
 from srpo_core.store.base import (
     _CHUNK,
     ENV_S3_ENDPOINT,
-    ImmutableKeyError,
     KeyNotFoundError,
     PointerVersion,
     Store,
@@ -227,18 +226,6 @@ class S3Store(Store):
         for chunk in body.iter_chunks(_CHUNK):
             digest.update(chunk)
         return digest.hexdigest()
-
-    def stored_sha256(self, key: str) -> str:
-        validate_key(key)
-        return self._stored_sha(key)
-
-    def _check_same(self, key: str, sha: str) -> None:
-        existing = self._stored_sha(key)
-        if existing != sha:
-            raise ImmutableKeyError(
-                f"key {key!r} already exists in {self.uri} with different content "
-                f"(stored sha256 {existing}, new {sha}); keys are immutable"
-            )
 
     # -- reads
     def get_bytes(self, key: str) -> bytes:
