@@ -6,11 +6,15 @@ prompt), in one run, in process (the plain loop) and through the flow: SRPO/GRPO
                    phase, as `time/orchestration_overhead` counts it)
   generation time  all sampling: seed search, fills, localization and suffixes (time/generation +
                    time/localization + time/suffix; with events they overlap in time/generation)
-  decode steps     in process: the sequential forward passes of the continuous batch, whatever
-                   their rows. On a latency-bound engine (a small model, few rows: a step costs
-                   about the same with 64 or 256 rows) generation time follows this count, and a
-                   reset method's count is bound below by its critical path, the slowest prompt's
-                   seed chain -> localization -> suffixes, against GRPO's one chain
+  decode steps     in process: the sequential decode steps of the continuous batch, whatever
+                   their rows. A reset method's count is bound below by its critical path, the
+                   slowest prompt's seed chain -> localization -> suffixes, against GRPO's one
+                   chain; each step costs a fixed part (~1.3 ms per forward of the tiny model on
+                   one CPU thread) plus a part per row (~35 us) and per cached position (~0.6 us)
+  model calls      in process: forward passes of the model (decode forwards, one per cohort and
+                   step; prefills; one-token forwards on reused KV), each paying the fixed part
+  prefill tokens   in process: context tokens encoded by prefills (padded), ~25-35 us each on
+                   this CPU like a decoded token: SRPO's include the localization prompts
   epoch step wall  through the flow: what a user waits per epoch step (orchestration included,
                    evaluation excluded)
 
@@ -56,22 +60,34 @@ CAP = 256  # rows the in-process HF engine decodes at once (HFEngine.max_batch_r
 GOAL = {"phase": 1.10, "generation": 1.15}
 
 
-class DecodeSteps:
-    """Counts the continuous batch's decode steps (bench instrument: wraps ContinuousBatch.step)."""
+class BatchCounter:
+    """Sums the continuous batch's counters (bench instrument: wraps ContinuousBatch.step):
+    decode steps, model calls (decode forwards + prefills + reused-prefix forwards) and prefill
+    tokens (padded) -- where a reset step's extra generation time goes on this engine."""
+
+    KEYS = ("decode_steps", "forwards", "prefills", "reuse_forwards", "prefill_tokens")
 
     def __init__(self):
         from srpo_core.engine import hf
 
-        self.count = 0
+        self.count = dict.fromkeys(self.KEYS, 0)
         real = hf.ContinuousBatch.step
 
         def step(batch):
-            before = batch.stats["decode_steps"]
+            before = {k: batch.stats[k] for k in self.KEYS}
             out = real(batch)
-            self.count += batch.stats["decode_steps"] - before
+            for k in self.KEYS:
+                self.count[k] += batch.stats[k] - before[k]
             return out
 
         hf.ContinuousBatch.step = step
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.count)
+
+    def since(self, before: dict[str, int]) -> dict[str, float]:
+        d = {k: self.count[k] - before[k] for k in self.KEYS}
+        return {"decode_steps": d["decode_steps"], "model_calls": d["forwards"] + d["prefills"] + d["reuse_forwards"], "prefill_tokens": d["prefill_tokens"]}
 
 
 def sized(cfg, steps: int):
@@ -80,7 +96,7 @@ def sized(cfg, steps: int):
     return cfg if cfg.data.train_size >= need else cfg.override(**{"data.train_size": need})
 
 
-def measure(cfgs: dict, steps: int, counter: DecodeSteps, repeat: int) -> dict[str, list[dict[str, float]]]:
+def measure(cfgs: dict, steps: int, counter: BatchCounter, repeat: int) -> dict[str, list[dict[str, float]]]:
     """Train every variant for `steps` steps from the same initial policy, interleaved step by step
     (the order rotating), so the paired steps of two variants are measured close in time."""
     from srpo_core import data_order
@@ -96,13 +112,13 @@ def measure(cfgs: dict, steps: int, counter: DecodeSteps, repeat: int) -> dict[s
     for k in range(steps):
         turn = (repeat + k) % len(names)
         for name in names[turn:] + names[:turn]:
-            before = counter.count
+            before = counter.snapshot()
             result = train_step(sessions[name], step_items[name][k], k)
             t = result.timings
             out[name].append({
                 "phase": t["step"],
                 "generation": t.get("generation", 0.0) + t.get("localization", 0.0) + t.get("suffix", 0.0),
-                "decode_steps": counter.count - before,
+                **counter.since(before),
                 "tokens": result.metrics["tokens/generated"],
             })
     return out
@@ -116,7 +132,7 @@ def in_process(args, common: dict) -> None:
         "srpo/batched": {"method.method": "srpo", "method.localizer": args.localizer, "rollout.scheduler": "batched"},
         "srpo/events": {"method.method": "srpo", "method.localizer": args.localizer, "rollout.scheduler": "events"},
     }
-    counter = DecodeSteps()
+    counter = BatchCounter()
     names = list(variants)
     cfgs = {name: sized(load_config(args.config, {**common, **over}), args.steps) for name, over in variants.items()}
     steps: dict[str, list[dict]] = {n: [] for n in names}  # every (repeat, step), in the same order per variant
@@ -129,17 +145,19 @@ def in_process(args, common: dict) -> None:
     regime = f"{rows} rows <= the batch cap {CAP}: latency-bound" if rows <= CAP else f"{rows} rows = {rows / CAP:.0f}x the batch cap {CAP}: throughput-bound"
     print(f"IN PROCESS: {args.config} preset, {cfg.train.prompts_per_step} prompts x 8 rollouts per step ({regime}), {args.repeats} repeats x {args.steps} steps, localizer {args.localizer}, "
           f"overrides {common or 'none'} ({time.perf_counter() - t0:.0f} s)")
-    keys = ("phase", "generation", "decode_steps", "tokens")
+    keys = ("phase", "generation", "decode_steps", "model_calls", "prefill_tokens", "tokens")
     for name in names:
         total = {k: sum(s[k] for s in steps[name]) / args.repeats for k in keys}
-        t = {k: f"{v:.2f}" if k != "decode_steps" else f"{v:.0f}" for k, v in total.items()}
-        print(f"  {name:13s} per {args.steps}-step training: phase {t['phase']} s  generation {t['generation']} s  decode steps {t['decode_steps']}  tokens {total['tokens']:.0f}")
-    print(f"  {'SRPO/GRPO':16s} {'phase':>22s} {'generation':>22s} {'decode steps':>13s} {'tokens':>7s}   (median [min, max] over the {len(steps['grpo'])} paired steps)")
+        print(f"  {name:13s} per {args.steps}-step training: phase {total['phase']:.2f} s  generation {total['generation']:.2f} s  decode steps {total['decode_steps']:.0f}  "
+              f"model calls {total['model_calls']:.0f}  prefill tokens {total['prefill_tokens']:.0f}  tokens {total['tokens']:.0f}")
+    print(f"  {'SRPO/GRPO':16s} {'phase':>22s} {'generation':>22s} {'decode steps':>13s} {'model calls':>12s} {'prefill tok':>12s} {'tokens':>7s}   "
+          f"(median [min, max] over the {len(steps['grpo'])} paired steps)")
     for name in names[1:]:
         ratios = {k: [s[k] / g[k] for s, g in zip(steps[name], steps["grpo"])] for k in keys}
         cell = lambda v: f"{statistics.median(v):.2f}x [{min(v):.2f},{max(v):.2f}]"  # noqa: E731
-        steps_ratio, tokens_ratio = statistics.median(ratios["decode_steps"]), statistics.median(ratios["tokens"])
-        print(f"  {name.split('/')[1]:16s} {cell(ratios['phase']):>22s} {cell(ratios['generation']):>22s} {steps_ratio:>12.2f}x {tokens_ratio:>6.2f}x")
+        med = {k: statistics.median(ratios[k]) for k in keys}
+        print(f"  {name.split('/')[1]:16s} {cell(ratios['phase']):>22s} {cell(ratios['generation']):>22s} {med['decode_steps']:>12.2f}x {med['model_calls']:>11.2f}x "
+              f"{med['prefill_tokens']:>11.2f}x {med['tokens']:>6.2f}x")
     footer()
 
 

@@ -2,7 +2,10 @@
 its own through algorithm 2 (seed search rounds -> base fill | localization -> suffixes) while the
 others are still decoding, all requests sharing one continuous batch of the engine
 (`engine.continuous_batch()`, srpo_core/engine/hf.py: rows join and leave as they start and
-finish; a reset prefix x* is prefilled once and its KV cache expanded to its G suffix rows).
+finish). A reset prefix x* is a prefix of its seed chain, so it is not prefilled again: the seed
+search keeps each chain's KV cache until the chain is verified (`Sample(retain=True)`; a chain that
+is no seed frees it at once), and the suffixes start from the seed's (`Sample(reuse=...)`, one
+one-token forward for the G suffix rows instead of a prefill of x*).
 
 The batched path (srpo_core/methods/resets.py's phases) runs three sequential batched decodes,
 each waiting for its slowest prompt; here a prompt whose seed search ends early is localized and
@@ -68,6 +71,8 @@ class Sample:
     salt: int = 0
     seen: dict | None = None  # chain numbering shared across submissions (see ContinuousBatch)
     wait: bool = True
+    retain: bool = False  # keep finished chains' KV (handle.take_kv / drop_kv)
+    reuse: tuple | None = None  # per request, a PrefixKV its context starts from (or None)
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ class Driver:
                 self.waiting_batch += 1
                 return
             if isinstance(op, Sample):
-                handle = batch.submit_thoughts(op.requests, op.limits, op.sampling, op.salt, op.seen, stream=not op.wait)
+                handle = batch.submit_thoughts(op.requests, op.limits, op.sampling, op.salt, op.seen, stream=not op.wait, retain=op.retain, reuse=op.reuse)
                 if not op.wait:
                     value = handle
                     continue
@@ -274,13 +279,15 @@ def _reset_flow(run: _ResetRun, i: int, salt: int, seeds: list[Future]) -> Flow:
     loc_seen, suffix_seen, handles = {}, {}, []
     rng = random.Random(run.lctx.seed * 1_000_003 + i)
     for future in seeds:
-        seed = yield Await(future)
-        if seed is None:
+        found = yield Await(future)
+        if found is None:
             break
+        seed, kv = found
         case = R.SeedCase(state.item, state.prompt_ids, seed)
         loc = yield from _localize_flow(run, i, case, salt, loc_seen, rng)
         run.locs[i].append(loc)
-        handles.append((yield Sample([R.reset_request(case, loc.index, run.search.spec.suffixes)], ctx.limits, ctx.sampling("suffix"), salt, suffix_seen, wait=False)))
+        request = R.reset_request(case, loc.index, run.search.spec.suffixes)  # x* is a prefix of the seed: start from its KV
+        handles.append((yield Sample([request], ctx.limits, ctx.sampling("suffix"), salt, suffix_seen, wait=False, reuse=(kv,))))
     for handle in handles:
         (chains,) = yield Join(handle)
         run.suffixes[i].append(chains)
@@ -296,13 +303,15 @@ def _prompt_flow(run: _ResetRun, i: int, salt: int) -> Flow:
     generate = ctx.sampling("generate")
     r = 0
     while (n := R.wanted_attempts(state, search.spec, search.budget)) > 0:
-        handle = yield Sample([ThoughtRequest(tuple(state.prompt_ids), n=n)], ctx.limits, R.round_sampling(generate, r), salt, wait=False)
+        handle = yield Sample([ThoughtRequest(tuple(state.prompt_ids), n=n)], ctx.limits, R.round_sampling(generate, r), salt, wait=False, retain=True)
         for j in range(n):
             chain = yield Next(handle, 0, j)
             found = len(state.seeds)
             R.absorb(ctx.task, state, R.verify(ctx.task, state.item, [chain], run.shard.timings, search.score_unfinished), search)
-            for k in range(found, len(state.seeds)):
-                seeds[k].set(state.seeds[k].rollout)
+            if len(state.seeds) > found:  # chain j is the next seed: its KV goes with it, for the suffixes' x*
+                seeds[found].set((state.seeds[found].rollout, handle.take_kv(0, j)))
+            else:
+                handle.drop_kv(0, j)
         r += 1
     run.rounds[i] = r
     for future in seeds[len(state.seeds):]:

@@ -221,3 +221,54 @@ def test_cohorts_open_join_and_merge_without_changing_chains(engine64):
     assert out[10**9] == out[40]
     assert stats[10**9]["cohorts_opened"] == 1 and stats[10**9]["merges"] == 0
     assert stats[40]["cohorts_opened"] > 1 and stats[40]["merges"] > 0
+
+
+def test_a_reset_prefix_started_from_its_seeds_kept_kv_samples_what_a_prefill_does(engine64):
+    """Prefix reuse: x* = prompt + the seed's thoughts 1..2 started from the KV the seed computed
+    (no prefill of x*) draws the suffixes a prefill of x* draws; kept KV is handed over once and
+    freed on request, and KV of another context is not used."""
+    from srpo_core import templates
+    from srpo_core.tasks import synthetic
+
+    (prompt, other) = [tuple(engine64.encode(templates.rollout_prompt("tiny_rollout_v1", p.question))) for p in synthetic.make_split("test", 2, 11)]
+    batch = engine64.continuous_batch()
+    seeds = batch.submit_thoughts([ThoughtRequest(prompt, n=2)], LIMITS, SamplingParams(temperature=1.0, seed=5), retain=True)
+    batch.run([seeds])
+    seed = seeds.result[0][0]
+    assert len(seed.spans) >= 3
+    kv = seeds.take_kv(0, 0)
+    assert seeds.take_kv(0, 0) is None  # handed over once
+    assert kv.tokens[: len(prompt)] == prompt and list(kv.tokens[len(prompt):]) == seed.response_ids[: len(kv.tokens) - len(prompt)]
+    assert len(kv.tokens) >= len(prompt) + len(seed.response_ids) - 1  # all but (at most) the last token fed
+    seeds.drop_kv(0, 1)
+    assert not seeds.reqs[0].kv  # nothing kept any more
+
+    end = seed.spans[1][1]
+    reset = ThoughtRequest(prompt, n=4, prefix_ids=tuple(seed.response_ids[:end]), prefix_spans=tuple(seed.spans[:2]))
+    fresh_req = ThoughtRequest(other, n=2)
+    sampling = SamplingParams(temperature=1.0, seed=9)
+    prefilled = engine64.generate_thoughts([reset, fresh_req], LIMITS, sampling)
+    reused = engine64.continuous_batch()
+    handle = reused.submit_thoughts([reset, fresh_req], LIMITS, sampling, reuse=[kv, kv])  # kv does not cover `other`
+    reused.run([handle])
+    assert reused.stats["reused_prefixes"] == 1 and reused.stats["reused_tokens"] == len(prompt) + end - 1
+    assert reused.stats["prefills"] == 1 and reused.stats["prefill_tokens"] == len(other)  # only the other context was prefilled
+    for a, b in zip(prefilled, handle.result):
+        assert [c.response_ids for c in a] == [c.response_ids for c in b] and [c.spans for c in a] == [c.spans for c in b]
+        for x, y in zip(a, b):  # float64: the two encodings of x* differ by reduction order only (~1e-15)
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-9)
+    assert len({tuple(c.response_ids) for c in handle.result[0]}) > 1
+
+
+def test_the_event_step_starts_every_suffix_group_from_its_seed_and_keeps_no_kv(engine64, tiny_model_path, monkeypatch):
+    """In the event path no x* is prefilled: each suffix group starts from its seed's KV, and the
+    KV the seed search kept is all taken or freed by the end of the step."""
+    batches, handles = [], []
+    real_batch, real_submit = hf.HFEngine.continuous_batch, hf.ContinuousBatch.submit_thoughts
+    monkeypatch.setattr(hf.HFEngine, "continuous_batch", lambda self, max_rows=None: batches.append(real_batch(self, max_rows)) or batches[-1])
+    monkeypatch.setattr(hf.ContinuousBatch, "submit_thoughts", lambda self, *a, **k: handles.append(real_submit(self, *a, **k)) or handles[-1])
+    _, result = _step(engine64, tiny_model_path, "events", 1, **SCENARIOS["srpo-self-1x4"])
+    (batch,) = batches
+    suffix_groups = {r.group_id for r in result.records if r.group == "shared_prefix"}
+    assert len(suffix_groups) > 0 and batch.stats["reused_prefixes"] == len(suffix_groups)
+    assert all(not req.kv for h in handles for req in h.reqs)

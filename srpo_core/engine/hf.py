@@ -8,7 +8,10 @@ distribution is the same; `generate_thoughts_per_call` is that per-thought refer
 `model.generate` with a stop string, and the tests check both give identical greedy chains.
 
 Each distinct context (prompt + reset prefix) is prefilled once and its KV cache is expanded to
-its `n` samples, so a shared prefix is encoded once for its G suffixes. Every call runs on a
+its `n` samples, so a shared prefix is encoded once for its G suffixes; and where the context's
+keys and values were already computed by an earlier chain (a reset prefix x* is a prefix of its
+seed chain), a request can reuse them instead (`PrefixKV`: a finished row's KV kept on request,
+see `ContinuousBatch`), so x* costs one one-token forward instead of a prefill. Every call runs on a
 `ContinuousBatch`: requests join while others decode (as capacity frees, or as the event-driven
 scheduler of srpo_core/scheduler.py submits them), finished rows leave.
 
@@ -145,6 +148,22 @@ def _cache_cat(cache, other) -> None:
 
 
 @dataclass(eq=False)
+class PrefixKV:
+    """The keys and values a finished row computed: `layers[l] = (keys, values)`, each
+    [H_kv, len(tokens), D], for the positions of `tokens` (its context and the tokens it fed to the
+    model). A later request whose context starts with `tokens[:len(context) - 1]` can start from
+    them (`submit_thoughts(reuse=...)`)."""
+
+    tokens: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def covers(self, context: list[int]) -> bool:
+        """Whether these positions hold all of `context` but its last token (fed as the first input)."""
+        n = len(context) - 1
+        return 1 <= n <= len(self.tokens) and list(self.tokens[:n]) == list(context[:n])
+
+
+@dataclass(eq=False)
 class _Req:
     """One request of a handle: `n` rows continuing one context."""
 
@@ -160,6 +179,9 @@ class _Req:
     logprobs: list[list[float]] = field(default_factory=list)
     open_rows: int = 0
     index: int = 0  # in its handle
+    retain: bool = False  # keep each row's KV when it finishes (kv[row])
+    kv: dict = field(default_factory=dict)  # row -> PrefixKV, until taken or dropped
+    reuse: PrefixKV | None = None  # start from these keys and values instead of a prefill
 
 
 @dataclass(eq=False)
@@ -181,6 +203,13 @@ class DecodeHandle:
         """Chain j of request i once it has finished (before the whole handle is done)."""
         req = self.reqs[i]
         return engine._rollout(self.items[i], req.generated[j], req.logprobs[j], req.chains.spans[j], req.chains.finish[j])
+
+    def take_kv(self, i: int, j: int) -> PrefixKV | None:
+        """The KV of finished chain j of request i (submitted with `retain`), handed over once."""
+        return self.reqs[i].kv.pop(j, None)
+
+    def drop_kv(self, i: int, j: int) -> None:
+        self.reqs[i].kv.pop(j, None)
 
     @property
     def done(self) -> bool:
@@ -261,6 +290,16 @@ class ContinuousBatch:
     submission (or in every submission sharing its `seen` counter), so equal contexts still get
     independent chains. A chain's tokens are therefore a function of its logits alone, whatever
     the batch composition, cohort, admission order or capacity.
+
+    Prefix reuse. A request submitted with `retain=True` keeps each row's keys and values when
+    the row finishes (`handle.take_kv(i, j)` hands them over, `drop_kv` frees them; until then they
+    hold memory: one copy of the row's cache). A request submitted with `reuse=[PrefixKV, ...]`
+    (one per request, or None) whose context starts with the kept tokens is admitted without a
+    prefill: its rows start from those keys and values and one forward of the context's last
+    token gives their first logits. Mathematically the same keys, values and logits (each
+    position's K/V depends on its own tokens and position only); in floats they differ from a
+    prefill's in their last bits, as a row's logits do between batches (tests/test_scheduler.py).
+    A PrefixKV that does not cover the context is ignored (the context is prefilled).
     """
 
     def __init__(self, engine: "HFEngine", max_rows: int | None = None):
@@ -270,19 +309,21 @@ class ContinuousBatch:
         self.cohorts: list[_Cohort] = []
         self.finished: list[DecodeHandle] = []
         self.finished_rows: list[tuple[DecodeHandle, int, int]] = []  # rows of streamed handles, as they finish
-        self.stats = {"decode_steps": 0, "forwards": 0, "row_steps": 0, "padded_row_positions": 0, "prefills": 0, "cohorts_opened": 0, "merges": 0}
+        self.stats = {"decode_steps": 0, "forwards": 0, "row_steps": 0, "padded_row_positions": 0, "prefills": 0, "prefill_tokens": 0, "reuse_forwards": 0, "reused_prefixes": 0, "reused_tokens": 0,
+                      "cohorts_opened": 0, "merges": 0}
         self._stops: dict[str, int] = {}
         self._stop_table: torch.Tensor | None = None  # [S, V] tokens that may end each stop string
         self._groups: dict[tuple, int] = {}  # (temperature, top_p, top_k) -> sampling group
 
     # ---- submissions ---------------------------------------------------------------------------
-    def _request(self, handle: DecodeHandle, context: list[int], prefix: list[int], spans: list, n: int, limits: ThoughtLimits, sampling: SamplingParams, salt: int, seen: dict) -> None:
+    def _request(self, handle: DecodeHandle, context: list[int], prefix: list[int], spans: list, n: int, limits: ThoughtLimits, sampling: SamplingParams, salt: int, seen: dict,
+                 retain: bool = False, reuse: PrefixKV | None = None) -> None:
         ctx = tuple(context)
         first = seen.get((sampling.seed, ctx), 0)
         seen[(sampling.seed, ctx)] = first + n
         chains = _Chains(self.engine, limits, [len(context)] * n, [list(prefix) for _ in range(n)], [list(spans) for _ in range(n)])
         keys = [chain_key(sampling.seed, ctx, salt, first + j) for j in range(n)]
-        req = _Req(handle, list(context), list(prefix), n, limits, sampling, keys, chains, [[] for _ in range(n)], [[] for _ in range(n)])
+        req = _Req(handle, list(context), list(prefix), n, limits, sampling, keys, chains, [[] for _ in range(n)], [[] for _ in range(n)], retain=retain, reuse=reuse)
         req.open_rows = sum(f is None for f in chains.finish)
         req.index = len(handle.reqs)
         handle.reqs.append(req)
@@ -290,12 +331,17 @@ class ContinuousBatch:
             handle.open += 1
             self.queue.append(req)
 
-    def submit_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams, salt: int = 0, seen: dict | None = None, stream: bool = False) -> DecodeHandle:
+    def submit_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams, salt: int = 0, seen: dict | None = None, stream: bool = False,
+                        retain: bool = False, reuse: list[PrefixKV | None] | None = None) -> DecodeHandle:
         """Queue requests. `seen` (shared across submissions) numbers the chains of each context
-        on from the earlier submissions' instead of from 0; `stream` reports finished rows."""
+        on from the earlier submissions' instead of from 0; `stream` reports finished rows;
+        `retain` keeps finished rows' KV, `reuse` starts requests from kept KV (see the class)."""
         handle, seen = DecodeHandle("thoughts", list(requests), stream=stream), {} if seen is None else seen
-        for r in requests:
-            self._request(handle, list(r.prompt_ids) + list(r.prefix_ids), list(r.prefix_ids), list(r.prefix_spans), r.n, limits, sampling, salt, seen)
+        reuse = [None] * len(requests) if reuse is None else list(reuse)
+        if len(reuse) != len(requests):
+            raise ValueError(f"submit_thoughts: {len(reuse)} reuse entries for {len(requests)} requests")
+        for r, kv in zip(requests, reuse):
+            self._request(handle, list(r.prompt_ids) + list(r.prefix_ids), list(r.prefix_ids), list(r.prefix_spans), r.n, limits, sampling, salt, seen, retain, kv)
         self._maybe_close(handle)
         return handle
 
@@ -351,7 +397,20 @@ class ContinuousBatch:
     # ---- admission ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _prefill(self, reqs: list[_Req]) -> _Cohort:
-        """Prefill each request's context once (left-padded together) and expand to its live rows."""
+        """Encode each request's context once (a prefill, or one forward on top of reused KV) and
+        expand it to its live rows: one cohort."""
+        reused = [r for r in reqs if r.reuse is not None and r.reuse.covers(r.context)]
+        fresh = [r for r in reqs if r.reuse is None or not r.reuse.covers(r.context)]
+        parts = ([self._cohort(fresh, *self._encode(fresh))] if fresh else []) + ([self._cohort(reused, *self._encode_reused(reused))] if reused else [])
+        for r in reqs:
+            r.reuse = None  # the cohort holds what it needs
+        cohort = parts[0]
+        for other in parts[1:]:
+            cohort.absorb(other)
+        return cohort
+
+    def _encode(self, reqs: list[_Req]) -> tuple:
+        """One prefill of the contexts, left-padded together -> (cache, attn [R, W], logits [R, V])."""
         eng, device = self.engine, self.engine.device
         width = max(len(r.context) for r in reqs)
         ids = torch.full((len(reqs), width), eng.pad_id, dtype=torch.long)
@@ -365,6 +424,43 @@ class ContinuousBatch:
         cache, logits = _cache_of(out), out.logits[:, -1, :]
         del out
         self.stats["prefills"] += 1
+        self.stats["prefill_tokens"] += ids.numel()
+        return cache, attn, logits
+
+    def _encode_reused(self, reqs: list[_Req]) -> tuple:
+        """Each context's KV but its last token from the request's PrefixKV (right-aligned in a
+        left-padded cache), then one forward of the last tokens -> (cache, attn [R, W], logits [R, V])."""
+        from transformers import DynamicCache
+
+        eng, device = self.engine, self.engine.device
+        lens = [len(r.context) - 1 for r in reqs]  # positions taken from the PrefixKV
+        width = max(lens)
+        cache = DynamicCache()
+        for layer in range(len(reqs[0].reuse.layers)):
+            k0, v0 = reqs[0].reuse.layers[layer]
+            keys = k0.new_zeros((len(reqs), k0.shape[0], width, k0.shape[2]))  # [R, H_kv, W, D]
+            values = v0.new_zeros((len(reqs), v0.shape[0], width, v0.shape[2]))
+            for j, (r, n) in enumerate(zip(reqs, lens)):
+                k, v = r.reuse.layers[layer]
+                keys[j, :, width - n:], values[j, :, width - n:] = k[:, :n], v[:, :n]
+            cache.update(keys, values, layer)
+        attn = torch.zeros((len(reqs), width + 1), dtype=torch.long)
+        for j, n in enumerate(lens):
+            attn[j, width - n:] = 1
+        attn = attn.to(device)
+        ids = torch.tensor([[r.context[-1]] for r in reqs], device=device)  # [R, 1]
+        pos = torch.tensor([[n] for n in lens], device=device)  # [R, 1]: the last token's position
+        out = eng.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{eng._cache_kw: cache})
+        cache, logits = _cache_of(out), out.logits[:, -1, :]
+        del out
+        self.stats["reuse_forwards"] += 1
+        self.stats["reused_prefixes"] += len(reqs)
+        self.stats["reused_tokens"] += sum(lens)
+        return cache, attn, logits
+
+    def _cohort(self, reqs: list[_Req], cache, attn: torch.Tensor, logits: torch.Tensor) -> _Cohort:
+        """The encoded contexts expanded to their requests' live rows, with the rows' fields."""
+        device = self.engine.device
         slots = [(r, j) for r in reqs for j in range(r.n) if r.chains.finish[j] is None]
         expand = torch.tensor([k for k, r in enumerate(reqs) for j in range(r.n) if r.chains.finish[j] is None], device=device)
         cache.batch_select_indices(expand)
@@ -461,6 +557,8 @@ class ContinuousBatch:
                 restart = True
         if chains.finish[row] is None:
             return restart, False
+        if req.retain:
+            req.kv[row] = self._kept_kv(co, b, req.context + gen)
         if req.handle.stream:
             self.finished_rows.append((req.handle, req.index, row))
         req.open_rows -= 1
@@ -468,6 +566,13 @@ class ContinuousBatch:
             req.handle.open -= 1
             self._maybe_close(req.handle)
         return restart, True
+
+    def _kept_kv(self, co: _Cohort, b: int, tokens: list[int]) -> PrefixKV:
+        """Row b's keys and values as they stand (before this step's forward): its `next_pos` real
+        positions, right-aligned in the cohort's cache, hold the first `next_pos` of `tokens`."""
+        n = int(co.f["next_pos"][b])
+        layers = [(layer.keys[b, :, -n:].clone(), layer.values[b, :, -n:].clone()) for layer in _cache_layers(co.cache)]
+        return PrefixKV(tuple(tokens[:n]), layers)
 
     @torch.no_grad()
     def step(self) -> list[DecodeHandle]:
