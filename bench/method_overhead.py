@@ -36,10 +36,9 @@ count (`--flow-shards`, `--flow-steps`; `--flow-shards` with no value skips it) 
 over its epoch steps.
 
 Two regimes, both measured by default (`--prompts 0 128`): the config's prompts per step (tiny:
-16 x 8 = 128 rows, under the engine's 256-row batch: latency-bound, a decode step costs about the
-same whatever its rows, so time follows decode steps) and 128 prompts (1024 rows, 4x the batch:
-throughput-bound, as generation is at paper scale, where time follows tokens and SRPO's are
-GRPO's).
+16 x 8 = 128 rows, under the engine's 256-row batch: the critical path's decode steps matter, each
+paying a forward's fixed part) and 128 prompts (1024 rows, 4x the batch: throughput-bound, as
+generation is at paper scale, where time follows tokens and SRPO's are GRPO's).
 
     python bench/method_overhead.py [--steps 3] [--repeats 3] [--localizer self] [--prompts 0 128]
     python bench/method_overhead.py --repeats 0 --flow-shards 1 4 --flow-steps 3   # the flow only
@@ -142,7 +141,7 @@ def in_process(args, common: dict) -> None:
             steps[name].extend(got)
     cfg = cfgs["grpo"]
     rows = cfg.train.prompts_per_step * 8
-    regime = f"{rows} rows <= the batch cap {CAP}: latency-bound" if rows <= CAP else f"{rows} rows = {rows / CAP:.0f}x the batch cap {CAP}: throughput-bound"
+    regime = f"{rows} rows <= the batch cap {CAP}" if rows <= CAP else f"{rows} rows = {rows / CAP:.0f}x the batch cap {CAP}: throughput-bound"
     print(f"IN PROCESS: {args.config} preset, {cfg.train.prompts_per_step} prompts x 8 rollouts per step ({regime}), {args.repeats} repeats x {args.steps} steps, localizer {args.localizer}, "
           f"overrides {common or 'none'} ({time.perf_counter() - t0:.0f} s)")
     keys = ("phase", "generation", "decode_steps", "model_calls", "prefill_tokens", "tokens")

@@ -14,14 +14,15 @@ its suffixes sampled while slower prompts still search, so the batch stays full.
 What it buys, measured (bench/method_overhead.py, README "What a reset method costs"): fewer
 sequential decode steps where prompts differ in how many seed-search rounds they need or wait for
 room in a full batch (1.08x GRPO's instead of the batched path's 1.66x at 128 prompts x 8 rows
-on the 256-row batch), but no time on CPU: rows that join late cost extra prefills and either padding
-or forwards of their own (cohorts, engine/hf.py), which eat what the overlap saves. Both paths are
-bound below by the same critical path, the slowest prompt's seed chain -> its localization -> its
-suffixes; on the tiny preset every chain of a prompt has about the same length, so that path is the
-whole story there (1.96x GRPO's decode steps either way, 92 per step against 48). Where rows
-fill the batch many times over, time follows tokens more than steps: 1.3x GRPO's generation time
-at 128 prompts for both paths, the event path's fewer steps each costing more; an engine with a
-paged KV cache (vLLM) would pay neither the padding nor the separate prefills of late rows.
+on the 256-row batch), and no prefill of x*; but little time on CPU: rows that join late cost
+extra prefills and either padding or forwards of their own (cohorts, engine/hf.py), and the
+self-localization prompts (the whole seed chain) must be prefilled whichever path runs: 1.32x
+GRPO's generation time at 128 prompts for both paths. Both paths are bound below by the same
+critical path, the slowest prompt's seed chain -> its localization -> its suffixes; on the tiny
+preset every chain of a prompt has about the same length, so at 16 prompts that path is the whole
+story (1.96x GRPO's decode steps either way, 90 per step against 46) and the event path's extra
+model calls make it the slower one there. An engine with a paged KV cache (vLLM) would pay neither
+the padding nor the separate forwards of late rows.
 
 A prompt's work is a generator (a "flow") that yields operations and receives their results:
 
