@@ -3,8 +3,9 @@ its own through algorithm 2 (seed search rounds -> base fill | localization -> s
 others are still decoding, all requests sharing one continuous batch of the engine
 (`engine.continuous_batch()`, srpo_core/engine/hf.py: rows join and leave as they start and
 finish). A reset prefix x* is a prefix of its seed chain, so it is not prefilled again: the seed
-search keeps each chain's KV cache until the chain is verified (`Sample(retain=True)`; a chain that
-is no seed frees it at once), and the suffixes start from the seed's (`Sample(reuse=...)`, one
+search keeps each chain's KV cache until the chain is verified in sampling order (`Sample(retain=True)`;
+a chain that is no seed frees it then, and once a prompt has its seeds its chains keep none), and
+the suffixes start from the seed's (`Sample(reuse=...)`, one
 one-token forward for the G suffix rows instead of a prefill of x*).
 
 The batched path (srpo_core/methods/resets.py's phases) runs three sequential batched decodes,
@@ -53,7 +54,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator
 
 from srpo_core import audit, templates
@@ -251,6 +252,7 @@ class _ResetRun:
     suffixes: list
     rounds: list
     sync_localization: float = 0.0
+    kept: dict = field(default_factory=dict)  # (prompt, seed index) -> the seed chain's PrefixKV, popped by the reset flow
 
 
 def _localize_flow(run: _ResetRun, i: int, case: R.SeedCase, salt: int, seen: dict, rng: random.Random) -> Flow:
@@ -279,16 +281,15 @@ def _reset_flow(run: _ResetRun, i: int, salt: int, seeds: list[Future]) -> Flow:
     ctx, state = run.ctx, run.shard.states[i]
     loc_seen, suffix_seen, handles = {}, {}, []
     rng = random.Random(run.lctx.seed * 1_000_003 + i)
-    for future in seeds:
-        found = yield Await(future)
-        if found is None:
+    for k, future in enumerate(seeds):
+        seed = yield Await(future)
+        if seed is None:
             break
-        seed, kv = found
         case = R.SeedCase(state.item, state.prompt_ids, seed)
         loc = yield from _localize_flow(run, i, case, salt, loc_seen, rng)
         run.locs[i].append(loc)
         request = R.reset_request(case, loc.index, run.search.spec.suffixes)  # x* is a prefix of the seed: start from its KV
-        handles.append((yield Sample([request], ctx.limits, ctx.sampling("suffix"), salt, suffix_seen, wait=False, reuse=(kv,))))
+        handles.append((yield Sample([request], ctx.limits, ctx.sampling("suffix"), salt, suffix_seen, wait=False, reuse=(run.kept.pop((i, k), None),))))
     for handle in handles:
         (chains,) = yield Join(handle)
         run.suffixes[i].append(chains)
@@ -309,10 +310,13 @@ def _prompt_flow(run: _ResetRun, i: int, salt: int) -> Flow:
             chain = yield Next(handle, 0, j)
             found = len(state.seeds)
             R.absorb(ctx.task, state, R.verify(ctx.task, state.item, [chain], run.shard.timings, search.score_unfinished), search)
-            if len(state.seeds) > found:  # chain j is the next seed: its KV goes with it, for the suffixes' x*
-                seeds[found].set((state.seeds[found].rollout, handle.take_kv(0, j)))
+            if len(state.seeds) > found:  # chain j is the next seed: its KV is kept for the suffixes' x*
+                run.kept[(i, found)] = handle.take_kv(0, j)
+                seeds[found].set(state.seeds[found].rollout)
             else:
                 handle.drop_kv(0, j)
+            if len(state.seeds) == search.spec.seeds:  # no later chain can be a seed
+                handle.stop_retaining()
         r += 1
     run.rounds[i] = r
     for future in seeds[len(state.seeds):]:

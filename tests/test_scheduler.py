@@ -16,6 +16,7 @@ other computation).
 
 import copy
 import dataclasses
+import gc
 import json
 
 import pytest
@@ -243,16 +244,18 @@ def test_a_reset_prefix_started_from_its_seeds_kept_kv_samples_what_a_prefill_do
     seeds.drop_kv(0, 1)
     assert not seeds.reqs[0].kv  # nothing kept any more
 
-    end = seed.spans[1][1]
-    reset = ThoughtRequest(prompt, n=4, prefix_ids=tuple(seed.response_ids[:end]), prefix_spans=tuple(seed.spans[:2]))
+    ends = [seed.spans[1][1], seed.spans[0][1]]  # x* for h* = 3 and h* = 2: two reused contexts of other lengths
+    resets = [ThoughtRequest(prompt, n=4, prefix_ids=tuple(seed.response_ids[:end]), prefix_spans=tuple(seed.spans[: h - 1])) for end, h in zip(ends, (3, 2))]
     fresh_req = ThoughtRequest(other, n=2)
     sampling = SamplingParams(temperature=1.0, seed=9)
-    prefilled = engine64.generate_thoughts([reset, fresh_req], LIMITS, sampling)
+    prefilled = engine64.generate_thoughts([*resets, fresh_req], LIMITS, sampling)
     reused = engine64.continuous_batch()
-    handle = reused.submit_thoughts([reset, fresh_req], LIMITS, sampling, reuse=[kv, kv])  # kv does not cover `other`
+    handle = reused.submit_thoughts([*resets, fresh_req], LIMITS, sampling, reuse=[kv, kv, kv])  # kv does not cover `other`
     reused.run([handle])
-    assert reused.stats["reused_prefixes"] == 1 and reused.stats["reused_tokens"] == len(prompt) + end - 1
+    assert reused.stats["reused_prefixes"] == 2 and reused.stats["reuse_forwards"] == 1 and reused.stats["reused_tokens"] == sum(len(prompt) + e - 1 for e in ends)
     assert reused.stats["prefills"] == 1 and reused.stats["prefill_tokens"] == len(other)  # only the other context was prefilled
+    assert reused.stats["cohorts_opened"] == 1  # the prefilled and the reused rows were joined into one cohort
+    assert not kv.covers(list(prompt) + list(seed.response_ids[: ends[0]]), "other-weights")  # KV of other weights is never reused
     for a, b in zip(prefilled, handle.result):
         assert [c.response_ids for c in a] == [c.response_ids for c in b] and [c.spans for c in a] == [c.spans for c in b]
         for x, y in zip(a, b):  # float64: the two encodings of x* differ by reduction order only (~1e-15)
@@ -272,3 +275,6 @@ def test_the_event_step_starts_every_suffix_group_from_its_seed_and_keeps_no_kv(
     suffix_groups = {r.group_id for r in result.records if r.group == "shared_prefix"}
     assert len(suffix_groups) > 0 and batch.stats["reused_prefixes"] == len(suffix_groups)
     assert all(not req.kv for h in handles for req in h.reqs)
+    del batches[:]
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is hf.PrefixKV]  # no copy of a chain's KV outlives the step

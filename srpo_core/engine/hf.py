@@ -156,11 +156,13 @@ class PrefixKV:
 
     tokens: tuple[int, ...]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    adapter_version: str | None = None  # the weights that computed them
 
-    def covers(self, context: list[int]) -> bool:
-        """Whether these positions hold all of `context` but its last token (fed as the first input)."""
+    def covers(self, context: list[int], adapter_version: str | None) -> bool:
+        """Whether these positions hold all of `context` but its last token (fed as the first
+        input), computed by the same weights."""
         n = len(context) - 1
-        return 1 <= n <= len(self.tokens) and list(self.tokens[:n]) == list(context[:n])
+        return adapter_version == self.adapter_version and 1 <= n <= len(self.tokens) and list(self.tokens[:n]) == list(context[:n])
 
 
 @dataclass(eq=False)
@@ -210,6 +212,12 @@ class DecodeHandle:
 
     def drop_kv(self, i: int, j: int) -> None:
         self.reqs[i].kv.pop(j, None)
+
+    def stop_retaining(self) -> None:
+        """Keep no more KV of this handle's rows, and free what is kept."""
+        for req in self.reqs:
+            req.retain = False
+            req.kv.clear()
 
     @property
     def done(self) -> bool:
@@ -299,7 +307,8 @@ class ContinuousBatch:
     token gives their first logits. Mathematically the same keys, values and logits (each
     position's K/V depends on its own tokens and position only); in floats they differ from a
     prefill's in their last bits, as a row's logits do between batches (tests/test_scheduler.py).
-    A PrefixKV that does not cover the context is ignored (the context is prefilled).
+    A PrefixKV that does not cover the context, or that other weights computed (its
+    `adapter_version`), is ignored: the context is prefilled.
     """
 
     def __init__(self, engine: "HFEngine", max_rows: int | None = None):
@@ -399,8 +408,9 @@ class ContinuousBatch:
     def _prefill(self, reqs: list[_Req]) -> _Cohort:
         """Encode each request's context once (a prefill, or one forward on top of reused KV) and
         expand it to its live rows: one cohort."""
-        reused = [r for r in reqs if r.reuse is not None and r.reuse.covers(r.context)]
-        fresh = [r for r in reqs if r.reuse is None or not r.reuse.covers(r.context)]
+        version = self.engine.adapter_version
+        reused = [r for r in reqs if r.reuse is not None and r.reuse.covers(r.context, version)]
+        fresh = [r for r in reqs if r.reuse is None or not r.reuse.covers(r.context, version)]
         parts = ([self._cohort(fresh, *self._encode(fresh))] if fresh else []) + ([self._cohort(reused, *self._encode_reused(reused))] if reused else [])
         for r in reqs:
             r.reuse = None  # the cohort holds what it needs
@@ -572,7 +582,7 @@ class ContinuousBatch:
         positions, right-aligned in the cohort's cache, hold the first `next_pos` of `tokens`."""
         n = int(co.f["next_pos"][b])
         layers = [(layer.keys[b, :, -n:].clone(), layer.values[b, :, -n:].clone()) for layer in _cache_layers(co.cache)]
-        return PrefixKV(tuple(tokens[:n]), layers)
+        return PrefixKV(tuple(tokens[:n]), layers, self.engine.adapter_version)
 
     @torch.no_grad()
     def step(self) -> list[DecodeHandle]:
