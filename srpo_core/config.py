@@ -70,7 +70,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = no top-k
     stop: str = "</thought>"
     engine: str = "hf"  # "hf" | "vllm" (in process, or behind our server) | "openai" (a stock `vllm serve` at server_url, srpo_core/engine/openai_api.py)
-    scheduler: str = "batched"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py) | auto (events where the engine has a continuous batch)
+    scheduler: str = "batched"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py; engine hf or vllm) | auto (events where the engine has a continuous batch)
     server_url: str = ""  # "": each phase step loads the model; "auto": the training starts one local inference server and one learner worker for all its epoch steps; else the URL of a running server
     lora_dir: str = ""  # engine openai: where phases stage step adapters for the vLLM server (an absolute path both mount; "": a local artifact store is read in place)
     score_unfinished: bool = False  # false (paper): a chain that ends without an answer (finish_reason != "answer") gets reward 0 in training and evaluation; true: its text is scored
@@ -85,7 +85,8 @@ class RolloutConfig:
         _require(bool(self.stop), "rollout.stop", "must be a non-empty stop string")
         _require(self.engine in ("hf", "vllm", "openai"), "rollout.engine", "hf|vllm|openai")
         _require(self.scheduler in ("auto", "batched", "events"), "rollout.scheduler", "auto|batched|events")
-        _require(self.scheduler != "events" or self.engine == "hf", "rollout.scheduler", "events needs rollout.engine hf (the continuous batch); use auto or batched")
+        _require(self.scheduler != "events" or self.engine in ("hf", "vllm"), "rollout.scheduler",
+                 "events needs an engine that requests join while others decode: rollout.engine hf (its continuous batch) or vllm (its engine loop); use auto or batched")
         _require(self.server_url in ("", "auto") or self.server_url.startswith(("http://", "https://")), "rollout.server_url", "empty, 'auto' or an http(s):// URL")
         _require(
             self.engine != "openai" or self.server_url.startswith(("http://", "https://")), "rollout.server_url",

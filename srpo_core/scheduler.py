@@ -1,8 +1,9 @@
 """Event-driven rollout scheduling (`rollout.scheduler: events`): every prompt of a shard moves on
 its own through algorithm 2 (seed search rounds -> base fill | localization -> suffixes) while the
 others are still decoding, all requests sharing one continuous batch of the engine
-(`engine.continuous_batch()`, srpo_core/engine/hf.py: rows join and leave as they start and
-finish). A reset prefix x* is a prefix of its seed chain, so it is not prefilled again: the seed
+(`engine.continuous_batch()`: the HF engine's, srpo_core/engine/hf.py, rows join and leave as
+they start and finish; or vLLM's engine loop, engine/vllm.py `StepBatch`, every thought its own
+request, prefixes reused by vLLM's prefix cache). A reset prefix x* is a prefix of its seed chain, so it is not prefilled again: the seed
 search keeps each chain's KV cache until the chain is verified in sampling order (`Sample(retain=True)`;
 a chain that is no seed frees it then, and once a prompt has its seeds its chains keep none), and
 the suffixes start from the seed's (`Sample(reuse=...)`, one
@@ -334,7 +335,7 @@ def run_reset_step(ctx, shard, search: R.SeedSearch) -> None:
     cfg, m = ctx.cfg, ctx.cfg.method
     engine = ctx.policy
     if not supports_events(engine):
-        raise ValueError(f"rollout.scheduler: events needs an engine with a continuous batch (the HF engine); {type(engine).__name__} has none")
+        raise ValueError(f"rollout.scheduler: events needs an engine with a continuous batch (the HF engine, or vLLM's engine loop); {type(engine).__name__} has none")
     n = len(shard.states)
     lctx = R.LocalizeContext(engine, ctx.task, m.localization_template, m.resolved_localization_temperature, m.localization_max_tokens, cfg.model.chat_template_for_localization, ctx.seed("localize"))
     driver = Driver(engine.continuous_batch())

@@ -183,7 +183,8 @@ def test_keyed_sampling_draws_the_softmax_distribution(top_p):
 
 def test_events_need_an_engine_with_a_continuous_batch(tiny_model_path):
     with pytest.raises(ConfigError, match="rollout.scheduler"):
-        load_config("tiny", {"rollout.scheduler": "events", "rollout.engine": "vllm"})
+        load_config("tiny", {"rollout.scheduler": "events", "rollout.engine": "openai", "rollout.server_url": "http://vllm:8000"})
+    assert load_config("tiny", {"rollout.scheduler": "events", "rollout.engine": "vllm"}).rollout.scheduler == "events"  # vLLM's engine loop (engine/vllm.py StepBatch)
     with pytest.raises(ConfigError, match="rollout.scheduler"):
         load_config("tiny", {"rollout.scheduler": "sometimes"})
     from srpo_core.tasks import TaskItem, synthetic

@@ -52,6 +52,29 @@ def FakeTokensPrompt(prompt_token_ids):  # vllm.inputs.TokensPrompt is a TypedDi
     return {"prompt_token_ids": list(prompt_token_ids)}
 
 
+class FakeLLMEngine:
+    """vLLM's engine loop (`LLM.llm_engine`): `add_request` queues, `step` finishes at most
+    `per_step` of the oldest requests (computed by the FakeLLM) and returns their RequestOutputs,
+    so requests finish over several steps and new ones are added between them."""
+
+    def __init__(self, llm: "FakeLLM", per_step: int = 3):
+        self.llm, self.per_step = llm, per_step
+        self.pending: list = []
+        self.added: list[tuple[str, int, FakeSamplingParams]] = []  # (request id, prompt length, params)
+
+    def add_request(self, request_id, prompt, params, lora_request=None):
+        assert isinstance(request_id, str) and isinstance(prompt, dict) and request_id not in {r for r, _, _ in self.pending}
+        self.pending.append((request_id, prompt["prompt_token_ids"], params))
+        self.added.append((request_id, len(prompt["prompt_token_ids"]), params))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.pending)
+
+    def step(self):
+        done, self.pending = self.pending[: self.per_step], self.pending[self.per_step:]
+        return [types.SimpleNamespace(request_id=rid, finished=True, prompt_token_ids=ids, outputs=[self.llm._one(ids, sp, i) for i in range(sp.n)]) for rid, ids, sp in done]
+
+
 class FakeLLM:
     """`vllm.LLM.generate` semantics, computed by an HF model without a KV cache."""
 
@@ -59,6 +82,7 @@ class FakeLLM:
         self.model, self.tokenizer = model, tokenizer
         self.cache_kw = HFEngine(model, tokenizer)._cache_kw
         self.calls: list[list[tuple[int, FakeSamplingParams]]] = []
+        self.llm_engine = FakeLLMEngine(self)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -258,6 +282,78 @@ def test_eos_ends_the_chain_and_is_dropped(tiny_model):
     assert r.thoughts == ["1+2=3</thought>", "3*3"]
 
 
+def _stepped(engine, reqs, limits, sampling, per_step=3):
+    engine.llm.llm_engine.per_step = per_step
+    batch = engine.continuous_batch()
+    handle = batch.submit_thoughts(reqs, limits, sampling)
+    batch.run([handle])
+    return handle.result, batch
+
+
+def test_the_step_batch_runs_thoughts_as_vllm_requests_that_join_between_steps(fake, hf):
+    """The event path's batch on vLLM's engine loop: greedy chains equal the HF engine's (and so
+    the offline path's), with the thought caps applied per chain as each thought request
+    finishes; a shared prefix's first thought is one request with n = G, later thoughts one
+    request per chain, queued while other requests are still in the engine."""
+    ps = prompts(hf, 4)
+    seeds = [g[0] for g in hf.generate_thoughts([ThoughtRequest(tuple(p)) for p in ps[:2]], LIMITS, GREEDY)]
+    reqs = [ThoughtRequest(tuple(p)) for p in ps] + [ThoughtRequest(tuple(p), n=3, prefix_ids=tuple(s.response_ids[: s.spans[0][1]]), prefix_spans=tuple(s.spans[:1])) for p, s in zip(ps, seeds)]
+    for limits in (LIMITS, TIGHT):
+        core = fake.llm.llm_engine
+        core.added.clear()
+        got, batch = _stepped(fake, reqs, limits, GREEDY)
+        assert_same(got, hf.generate_thoughts(reqs, limits, GREEDY))
+        first = core.added[: len(reqs)]
+        assert [(length, sp.n) for _, length, sp in first] == [(len(r.prompt_ids) + len(r.prefix_ids), r.n) for r in reqs]
+        assert all(sp.n == 1 and sp.stop == [limits.stop] and sp.max_tokens == limits.max_thought_tokens for _, _, sp in core.added[len(reqs):])
+        assert len(core.added) == len(reqs) + sum(len(r.spans) - len(q.prefix_spans) - 1 for q, g in zip(reqs, got) for r in g[:1]) + sum(
+            len(r.spans) - len(q.prefix_spans) - 1 for q, g in zip(reqs, got) for r in g[1:])  # one request per later thought of every chain
+        assert batch.stats["decode_steps"] > len(core.added) // 3  # finished over many steps (3 per step here)
+    done = fake.continuous_batch()
+    texts = [templates.localization_prompt("tiny_localization_v1", p.question, synthetic.corrupt(p, __import__("random").Random(0))[0]) for p in synthetic.make_split("test", 3, 1)]
+    handle = done.submit_complete([hf.encode(t) for t in texts], 8, GREEDY)
+    done.run([handle])
+    assert [(c.ids, c.finish_reason) for c in handle.result] == [(c.ids, c.finish_reason) for c in hf.complete([hf.encode(t) for t in texts], 8, GREEDY)]
+
+
+def test_a_chain_on_the_step_batch_is_seeded_by_its_request_not_its_neighbours(fake, hf):
+    reqs = [ThoughtRequest(tuple(p), n=3) for p in prompts(hf, 3)]
+    sampling = SamplingParams(temperature=1.0, seed=4)
+    ids = lambda out: [[r.response_ids for r in g] for g in out]  # noqa: E731
+    together, _ = _stepped(fake, reqs, LIMITS, sampling, per_step=5)
+    one_by_one, _ = _stepped(fake, reqs, LIMITS, sampling, per_step=1)
+    alone = [_stepped(fake, [r], LIMITS, sampling)[0][0] for r in reqs]
+    assert ids(together) == ids(one_by_one) == ids(alone)
+    assert len({tuple(r.response_ids) for r in together[0]}) > 1  # the n chains of a request differ
+    assert ids(_stepped(fake, reqs, LIMITS, SamplingParams(temperature=1.0, seed=5))[0]) != ids(together)
+
+
+def test_the_event_driven_reset_step_runs_on_vllms_engine_loop(fake, tiny_model_path):
+    """`rollout.scheduler: events` with the vLLM engine: SRPO's step (seed search, base fill,
+    self-localization, suffixes) on the step batch, each prompt with its budget of 8 trained
+    rollouts, reproducible and independent of how many requests the engine finishes per step."""
+    from srpo_core import data_order, step
+    from srpo_core.config import load_config
+    from srpo_core.records import records_jsonl
+    from srpo_core.tasks import get_task
+
+    over = {"train.prompts_per_step": 4, "train.mini_batch_prompts": 4, "rollout.engine": "vllm", "rollout.scheduler": "events", "method.localizer": "self"}
+    cfg = load_config("tiny", {"model.name_or_path": tiny_model_path, **over})
+    assert step.scheduled_by_events(cfg, fake)
+    runs = []
+    for per_step in (4, 1):
+        fake.llm.llm_engine.per_step = per_step
+        runs.append(step.run_rollout_phases(fake, get_task("synthetic"), cfg, data_order.step_items(cfg, 1), 1))
+    assert records_jsonl(runs[0].records, 1, cfg) == records_jsonl(runs[1].records, 1, cfg)
+    trained: dict[str, int] = {}
+    for r in runs[0].records:
+        if r.group != "seed":
+            trained[r.item.id] = trained.get(r.item.id, 0) + 1
+    assert len(trained) == 4 and set(trained.values()) == {8}
+    resets = [r for r in runs[0].records if r.group == "shared_prefix"]
+    assert resets and all(len(r.rollout.logprobs) == r.rollout.generated_tokens for r in resets)
+
+
 def test_lora_requests_never_reuse_an_id(fake):
     a, b = fake.make_lora_request("v1", "/a"), fake.make_lora_request("v1", "/b")
     assert a.lora_int_id != b.lora_int_id and a.lora_path == "/a"
@@ -311,6 +407,30 @@ def test_real_vllm_greedy_equals_hf(real_vllm, hf):
     flat = [g[0] for g in hf.generate_thoughts(reqs[:4], LIMITS, GREEDY)]
     for a, b in zip(real_vllm.teacher_force([r.prompt_ids for r in flat], [r.response_ids for r in flat]), hf.teacher_force([r.prompt_ids for r in flat], [r.response_ids for r in flat])):
         assert a.greedy_ids == b.greedy_ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_real_vllm_step_batch_equals_hf_and_runs_the_event_step(real_vllm, hf, tiny_model_path):
+    """The event path's batch on a real vLLM engine loop (`LLM.llm_engine.add_request` / `step`):
+    greedy chains equal the HF engine's, and SRPO's event-driven step gives every prompt its
+    budget of 8 trained rollouts."""
+    from srpo_core import data_order, step
+    from srpo_core.config import load_config
+    from srpo_core.tasks import get_task
+
+    reqs = [ThoughtRequest(tuple(p), n=1) for p in prompts(hf, 6)]
+    batch = real_vllm.continuous_batch()
+    handle = batch.submit_thoughts(reqs, LIMITS, GREEDY)
+    batch.run([handle])
+    assert_same(handle.result, hf.generate_thoughts(reqs, LIMITS, GREEDY), lp_tol=1e-3)
+    cfg = load_config("tiny", {"model.name_or_path": tiny_model_path, "train.prompts_per_step": 8, "rollout.engine": "vllm", "rollout.scheduler": "events", "method.localizer": "self"})
+    result = step.run_rollout_phases(real_vllm, get_task("synthetic"), cfg, data_order.step_items(cfg, 0), 0)
+    trained: dict[str, int] = {}
+    for r in result.records:
+        if r.group != "seed":
+            trained[r.item.id] = trained.get(r.item.id, 0) + 1
+    assert len(trained) == 8 and set(trained.values()) == {8}
 
 
 @needs_vllm

@@ -46,6 +46,25 @@ Seeds: every vLLM request gets its own seed derived from (sampling.seed, request
 vLLM gives the `n` children of a request seeds `seed + i`. Runs are reproducible for the same batch
 composition; bf16 GPU kernels are not batch-invariant, so a different batch can change samples.
 
+The event scheduler's batch: `continuous_batch()` -> `StepBatch`
+-----------------------------------------------------------------
+`rollout.scheduler: events` (srpo_core/scheduler.py) needs a batch that requests join while others
+decode. vLLM's engine loop is one: `LLM.llm_engine.add_request(request_id, prompt, params,
+lora_request=...)` queues a request, `step()` runs one scheduler iteration (continuous batching,
+paged KV cache, prefills scheduled into the step) and returns the `RequestOutput`s it updated
+(`finished` once done), `has_unfinished_requests()`. `StepBatch` gives the scheduler the HF
+engine's `ContinuousBatch` interface on it: every live chain's next thought is its own request
+(the first thought of a ThoughtRequest one request with `n` = its chains, as above), chain ends
+are applied by `ThoughtChains` as each thought request finishes, and the chain's next thought is
+queued in the same step. Prefix reuse is vLLM's automatic prefix caching (a reset prefix x* is a
+prefix of its seed chain, whose blocks are cached), so `retain` / `reuse` are accepted and
+ignored. Seeds are keyed by the request's content (sampling seed, salt, context, its index among
+equal contexts), not by its position, so a chain samples the same tokens whichever requests share
+the engine with it (up to the batch dependence of GPU kernels); they differ from the offline
+path's position-keyed seeds (same distribution). The inference server keeps serving the vLLM
+backend's calls in turn (`LLM.generate`): this batch is the in-process event path's, and has run
+only against the stand-in of tests/test_vllm.py here (no GPU).
+
 LoRA hot-loading: every `make_lora_request` gets a fresh integer id: vLLM caches adapters by id,
 so re-using an id for new weights would silently serve the old ones.
 
@@ -57,6 +76,8 @@ vLLM is not importable).
 from __future__ import annotations
 
 import hashlib
+import itertools
+import struct
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,6 +273,11 @@ class VLLMEngine(TokenizerText, RolloutEngine):
             out.append(Completion(ids=toks, text=self.decode(toks), logprobs=lps, finish_reason="eos" if eos else "length", adapter_version=self.adapter_version))
         return out
 
+    def continuous_batch(self, max_rows: int | None = None) -> "StepBatch":
+        """A batch that requests join while others decode, on vLLM's engine loop (the event
+        scheduler's; vLLM's own scheduler sizes the batch, so `max_rows` is not used)."""
+        return StepBatch(self)
+
     def teacher_force(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[TokenScores]:
         if abs(temperature - 1.0) > 1e-9:
             raise NotImplementedError(f"VLLMEngine.teacher_force supports temperature 1.0 only (vLLM's prompt log-probs are computed from raw logits); got {temperature}")
@@ -267,3 +293,182 @@ class VLLMEngine(TokenizerText, RolloutEngine):
                 greedy.append(next(t for t, lp in entry.items() if getattr(lp, "rank", None) == 1))
             out.append(TokenScores(logprobs=lps, greedy_ids=greedy))
         return out
+
+
+# ---- the event scheduler's batch on vLLM's engine loop ---------------------------------------------
+
+
+def request_key(seed: int, salt: int, context: list[int], index: int) -> int:
+    """The seed key of one submitted request: (sampling seed, salt, its context, its index among
+    the requests with that context and seed) -> int, stable across processes; independent of the
+    other requests in flight."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack(f"<qqq{len(context)}q", seed, salt, index, *context))
+    return int.from_bytes(h.digest(), "little") & (2**62 - 1)
+
+
+@dataclass(eq=False)
+class _StepReq:
+    """One request of a StepHandle: `n` chains continuing one context (or one completion)."""
+
+    item: object  # the ThoughtRequest (thoughts) or the prompt ids (complete)
+    context: list[int]
+    key: int
+    chains: ThoughtChains
+    generated: list[list[int]]
+    logprobs: list[list[float]]
+    open_rows: int = 0
+
+
+@dataclass(eq=False)
+class StepHandle:
+    """What one submission asked and, once `done`, its `result` in item order: the interface of
+    engine.hf.DecodeHandle that srpo_core/scheduler.py uses."""
+
+    kind: str  # "thoughts" | "complete"
+    items: list
+    reqs: list[_StepReq] = field(default_factory=list)
+    open: int = 0
+    result: list | None = None
+    stream: bool = False
+    limits: ThoughtLimits | None = None  # of a thoughts submission: its later thoughts use them
+    sampling: SamplingParams | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def row_done(self, i: int, j: int) -> bool:
+        return self.reqs[i].chains.finish[j] is not None
+
+    def row_rollout(self, engine: "VLLMEngine", i: int, j: int) -> Rollout:
+        req = self.reqs[i]
+        return req.chains.rollouts([req.item], [0] * len(req.generated), req.generated, req.logprobs, engine.adapter_version)[0][j]
+
+    def take_kv(self, i: int, j: int) -> None:  # prefix reuse is vLLM's prefix cache
+        return None
+
+    def drop_kv(self, i: int, j: int) -> None:
+        return None
+
+    def stop_retaining(self) -> None:
+        return None
+
+
+class StepBatch:
+    """`ContinuousBatch`'s interface (submit_thoughts / submit_complete / step / finished_rows /
+    busy / run) on vLLM's engine loop; see the module docstring."""
+
+    def __init__(self, engine: VLLMEngine):
+        self.engine = engine
+        self.core = engine.llm.llm_engine
+        self.live: dict[str, tuple[StepHandle, int, list[int], int]] = {}  # vLLM request id -> (handle, request, rows, thought)
+        self.finished: list[StepHandle] = []
+        self.finished_rows: list[tuple[StepHandle, int, int]] = []
+        self.stats = {"decode_steps": 0, "requests": 0}
+        self._ids = itertools.count()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.live)
+
+    def _add(self, handle: StepHandle, i: int, rows: list[int], thought: int, prompt: list[int], params) -> None:
+        rid = f"srpo-{id(self):x}-{next(self._ids)}"
+        self.core.add_request(rid, self.engine.api.TokensPrompt(prompt_token_ids=list(prompt)), params, lora_request=self.engine.lora_request)
+        self.live[rid] = (handle, i, rows, thought)
+        self.stats["requests"] += 1
+
+    def _key(self, seen: dict, sampling: SamplingParams, salt: int, context: list[int], n: int) -> int:
+        first = seen.get((sampling.seed, tuple(context)), 0)
+        seen[(sampling.seed, tuple(context))] = first + n
+        return request_key(sampling.seed, salt, context, first)
+
+    def submit_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams, salt: int = 0, seen: dict | None = None, stream: bool = False,
+                        retain: bool = False, reuse: list | None = None) -> StepHandle:
+        """Queue requests (the first thought of each as one vLLM request with n = its live chains);
+        `seen`, `stream` as ContinuousBatch's; `retain` / `reuse` are vLLM's prefix cache here."""
+        handle, seen = StepHandle("thoughts", list(requests), stream=stream, limits=limits, sampling=sampling), {} if seen is None else seen
+        for i, r in enumerate(requests):
+            context = list(r.prompt_ids) + list(r.prefix_ids)
+            chains = ThoughtChains(self.engine, limits, [len(context)] * r.n, [list(r.prefix_ids) for _ in range(r.n)], [list(r.prefix_spans) for _ in range(r.n)])
+            req = _StepReq(r, context, self._key(seen, sampling, salt, context, r.n), chains, [[] for _ in range(r.n)], [[] for _ in range(r.n)])
+            handle.reqs.append(req)
+            rows = [j for j in range(r.n) if chains.finish[j] is None]
+            req.open_rows = len(rows)
+            if rows:
+                handle.open += 1
+                params = self.engine._params(sampling, len(rows), derive_seed(req.key, 0, 0), limits.max_thought_tokens, limits.stop)
+                self._add(handle, i, rows, 0, context, params)
+        self._maybe_close(handle)
+        return handle
+
+    def submit_complete(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams, salt: int = 0, seen: dict | None = None) -> StepHandle:
+        handle, seen = StepHandle("complete", [list(p) for p in prompts]), {} if seen is None else seen
+        limits = ThoughtLimits(stop="", max_thoughts=1, max_thought_tokens=max_tokens, max_response_tokens=max_tokens, max_model_len=10**9)
+        for i, p in enumerate(prompts):
+            req = _StepReq(list(p), list(p), self._key(seen, sampling, salt, list(p), 1), ThoughtChains(self.engine, limits, [len(p)], [[]], [[]]), [[]], [[]], open_rows=1)
+            handle.reqs.append(req)
+            handle.open += 1
+            self._add(handle, i, [0], 0, list(p), self.engine._params(sampling, 1, derive_seed(req.key, 0, 0), max_tokens, None))
+        self._maybe_close(handle)
+        return handle
+
+    def _maybe_close(self, handle: StepHandle) -> None:
+        if handle.open or handle.done:
+            return
+        if handle.kind == "thoughts":
+            handle.result = [req.chains.rollouts([req.item], [0] * len(req.generated), req.generated, req.logprobs, self.engine.adapter_version)[0] for req in handle.reqs]
+        else:
+            handle.result = [
+                Completion(ids=r.generated[0], text=self.engine.decode(r.generated[0]), logprobs=r.logprobs[0], finish_reason=r.chains.finish[0] or "length",
+                           adapter_version=self.engine.adapter_version)
+                for r in handle.reqs
+            ]
+        self.finished.append(handle)
+
+    def step(self) -> list[StepHandle]:
+        """One iteration of vLLM's engine loop; every thought request it finished is applied (the
+        chain's next thought queued, or the chain ended). Returns the handles that finished."""
+        if self.live:
+            self.stats["decode_steps"] += 1
+            for out in self.core.step():
+                if not getattr(out, "finished", False) or out.request_id not in self.live:
+                    continue
+                handle, i, rows, thought = self.live.pop(out.request_id)
+                comps = sorted(out.outputs, key=lambda c: c.index)
+                if len(comps) != len(rows):
+                    raise RuntimeError(f"vLLM returned {len(comps)} completions for n={len(rows)}")
+                for comp, row in zip(comps, rows):
+                    self._land(handle, i, row, thought, comp)
+        out, self.finished = self.finished, []
+        return out
+
+    def _land(self, handle: StepHandle, i: int, row: int, thought: int, comp) -> None:
+        eng, req = self.engine, handle.reqs[i]
+        toks, lps, eos, stop_reason = eng._tokens(comp)
+        if eos:
+            eng._drop_eos(toks, lps, stop_reason)
+        req.generated[row] += toks
+        req.logprobs[row] += lps
+        if handle.kind == "complete":
+            req.chains.finish[row] = "eos" if eos else "length"
+        else:
+            req.chains.land(row, req.generated[row], eos)
+        if req.chains.finish[row] is None:  # the chain goes on: its next thought, seeded per chain and thought
+            context = list(req.item.prompt_ids) + req.chains.prefixes[row] + req.generated[row]
+            params = eng._params(handle.sampling, 1, derive_seed(req.key, row + 1, thought + 1), handle.limits.max_thought_tokens, handle.limits.stop)
+            self._add(handle, i, [row], thought + 1, context, params)
+            return
+        if handle.stream:
+            self.finished_rows.append((handle, i, row))
+        req.open_rows -= 1
+        if req.open_rows == 0:
+            handle.open -= 1
+            self._maybe_close(handle)
+
+    def run(self, handles: list[StepHandle]) -> None:
+        """Step until every handle is done."""
+        while not all(h.done for h in handles):
+            if not self.busy:
+                raise RuntimeError("vLLM step batch: handles still open with nothing in flight")
+            self.step()

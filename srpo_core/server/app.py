@@ -508,9 +508,11 @@ class ModelHost:
     def run_batched(self, version, fn, submit, sha256=None):
         """A sampling call (`fn(engine)`, or `submit(batch) -> DecodeHandle` on a continuous batch)
         with the rules of `run`; with `shared_batch` and an engine that has a continuous batch,
-        concurrent calls under one version decode together (`SharedBatch`) instead of in turn."""
+        concurrent calls under one version decode together (`SharedBatch`) instead of in turn.
+        The HF engine only: the vLLM engine's step batch (engine/vllm.py) serves the in-process
+        event path and has not yet been measured behind the server on a GPU."""
         backend = self._check_call(version, sha256)
-        if self.shared is None or not callable(getattr(backend.engine, "continuous_batch", None)):
+        if self.shared is None or self.engine_kind != "hf" or not callable(getattr(backend.engine, "continuous_batch", None)):
             return self.run(version, fn, sha256)
         with self.meta_lock:
             want = self.active if version is None else version  # the active version when the call came in
