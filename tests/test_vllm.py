@@ -4,7 +4,9 @@ Everywhere: its thought bookkeeping (one call per thought, `n=G` for a shared pr
 kept, EOS dropped, caps, seeds) runs against `FakeLLM`, a stand-in with vLLM's offline-API
 semantics (`LLM.generate` over `TokensPrompt`s, `SamplingParams` with `stop` +
 `include_stop_str_in_output`, `logprobs=0`, `prompt_logprobs`, per-request seeds with `seed + i`
-for the `n` children) computed by the HF tiny model; chains must equal the HF engine's.
+for the `n` children) computed by the HF tiny model; chains must equal the HF engine's. The event
+scheduler's batch on vLLM's engine loop (`StepBatch`) runs against `FakeLLMEngine`, a stand-in for
+`LLM.llm_engine` (`add_request` / `step` finishing a few requests per step).
 
 Where vLLM and a GPU are present: the same comparisons against a real `vllm.LLM`, with and without a
 LoRA adapter, and the inference server with `--engine vllm` passing the weight-sync canary.
