@@ -10,11 +10,12 @@ prompt), in one run, in process (the plain loop) and through the flow: SRPO/GRPO
                    their rows. A reset method's count is bound below by its critical path, the
                    slowest prompt's seed chain -> localization -> suffixes, against GRPO's one
                    chain; each step costs a fixed part (~1.3 ms per forward of the tiny model on
-                   one CPU thread) plus a part per row (~35 us) and per cached position (~0.6 us)
+                   one CPU thread) plus a part per row (~8 us) and per cached position (~0.4 us):
+                   bench/forward_cost.py
   model calls      in process: forward passes of the model (decode forwards, one per cohort and
                    step; prefills; one-token forwards on reused KV), each paying the fixed part
-  prefill tokens   in process: context tokens encoded by prefills (padded), ~25-35 us each on
-                   this CPU like a decoded token: SRPO's include the localization prompts
+  prefill tokens   in process: context tokens encoded by prefills (padded), ~0.3x a decoded
+                   row-step each on this CPU: SRPO's include the localization prompts
   epoch step wall  through the flow: what a user waits per epoch step (orchestration included,
                    evaluation excluded)
 

@@ -662,11 +662,11 @@ class HFEngine(RolloutEngine):
         # the fixed cost of one more forward per decode step, in row-positions of padded KV cache
         # (ContinuousBatch cohorts). Measured when this was written: ~7 ms + ~7.6 us per
         # row-position (fit over B 1..256, W 50..300), i.e. ~900, halved for a cohort's own
-        # sampling ops and prefills. Measured again (session 6, tiny model with its LoRA, one CPU
-        # thread, medians of 15 forwards): ~1.3 ms + ~35 us per row + ~0.5-0.7 us per row-position
-        # for W <= 192, i.e. ~2000; not re-tuned: on the bench (one run each) 4096 opened about as
-        # many cohorts as 512, which width gaps of hundreds of positions open either way. On a GPU
-        # the fixed part (kernel launches) dominates far more.
+        # sampling ops and prefills. Measured again (`python bench/forward_cost.py`: tiny model with
+        # its LoRA, one CPU thread): ~1.3 ms + ~8 us per row + ~0.4 us per row-position, i.e.
+        # ~3300; not re-tuned: in one probe of bench/method_overhead.py's 128-prompt step, 4096
+        # opened about as many cohorts as 512 (width gaps of hundreds of positions open them either
+        # way). On a GPU the fixed part (kernel launches) dominates far more.
         self.cohort_cost = cohort_cost if cohort_cost is not None else (512 if self.device.type == "cpu" else 65536)
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
