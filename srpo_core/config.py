@@ -70,7 +70,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = no top-k
     stop: str = "</thought>"
     engine: str = "hf"  # "hf" | "vllm" (in process, or behind our server) | "openai" (a stock `vllm serve` at server_url, srpo_core/engine/openai_api.py)
-    scheduler: str = "batched"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py; engine hf or vllm) | auto (events where the engine has a continuous batch)
+    scheduler: str = "batched"  # in-memory steps: batched (phase by phase) | events (srpo_core/scheduler.py; engine hf or vllm) | auto (events on the HF engine, else batched)
     server_url: str = ""  # "": each phase step loads the model; "auto": the training starts one local inference server and one learner worker for all its epoch steps; else the URL of a running server
     lora_dir: str = ""  # engine openai: where phases stage step adapters for the vLLM server (an absolute path both mount; "": a local artifact store is read in place)
     score_unfinished: bool = False  # false (paper): a chain that ends without an answer (finish_reason != "answer") gets reward 0 in training and evaluation; true: its text is scored
@@ -278,6 +278,11 @@ class Config:
     def __post_init__(self):
         losses = self.method.spec.losses
         _require(self.loss.loss in losses, "loss.loss", f"method {self.method.method} trains with {' or '.join(losses)}")
+        _require(
+            not (self.rollout.scheduler == "events" and self.rollout.engine == "vllm" and self.method.resolved_localizer == "divergence"), "rollout.scheduler",
+            "events on vLLM's engine loop cannot run the divergence localizer (its teacher-forced pass would drain the engine loop under the running requests): "
+            "use rollout.scheduler: batched, or another localizer",
+        )  # fmt: skip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

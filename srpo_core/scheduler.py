@@ -344,7 +344,12 @@ def run_reset_step(ctx, shard, search: R.SeedSearch) -> None:
         driver.start(_prompt_flow(run, i, salt))
     verified = shard.timings.get("verification", 0.0)
     start = time.perf_counter()
-    driver.run()
+    try:
+        driver.run()
+    finally:
+        close = getattr(driver.batch, "close", None)  # vLLM's step batch: abort what an error left in flight
+        if close is not None:
+            close()
     wall = time.perf_counter() - start
     in_flows = shard.timings.get("verification", 0.0) - verified
     shard.timings["generation"] = shard.timings.get("generation", 0.0) + wall - in_flows - run.sync_localization

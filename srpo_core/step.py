@@ -94,7 +94,8 @@ def scheduled_by_events(cfg: Config, engine: RolloutEngine) -> bool:
     has_path = callable(getattr(cfg.method.spec, "run_events", None))
     if cfg.rollout.scheduler == "events" and not supports_events(engine):
         raise ValueError(f"rollout.scheduler: events needs an engine with a continuous batch (the HF engine, or vLLM's engine loop); {type(engine).__name__} has none")
-    return has_path and (cfg.rollout.scheduler == "events" or (cfg.rollout.scheduler == "auto" and supports_events(engine)))
+    auto = supports_events(engine) and getattr(engine, "events_by_default", True)
+    return has_path and (cfg.rollout.scheduler == "events" or (cfg.rollout.scheduler == "auto" and auto))
 
 
 def run_rollout_phases(engine: RolloutEngine, task: Task, cfg: Config, items: list[TaskItem], step: int) -> StepResult:

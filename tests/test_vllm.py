@@ -42,7 +42,8 @@ LoRARequest = namedtuple("LoRARequest", "lora_name lora_int_id lora_path")
 
 
 class FakeSamplingParams:
-    DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=-1, seed=None, max_tokens=16, stop=None, include_stop_str_in_output=False, logprobs=None, prompt_logprobs=None, skip_special_tokens=True)
+    DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=-1, seed=None, max_tokens=16, stop=None, include_stop_str_in_output=False, logprobs=None, prompt_logprobs=None, skip_special_tokens=True,
+                    output_kind="CUMULATIVE")
 
     def __init__(self, **kw):
         unknown = set(kw) - set(self.DEFAULTS)
@@ -73,8 +74,16 @@ class FakeLLMEngine:
         return bool(self.pending)
 
     def step(self):
+        """As vLLM v1 with FINAL_ONLY outputs: a finished request once, all its n completions (in
+        no particular order: callers sort by `index`); anything else is refused (with the default
+        cumulative outputs a request of n > 1 comes back one child at a time)."""
         done, self.pending = self.pending[: self.per_step], self.pending[self.per_step:]
-        return [types.SimpleNamespace(request_id=rid, finished=True, prompt_token_ids=ids, outputs=[self.llm._one(ids, sp, i) for i in range(sp.n)]) for rid, ids, sp in done]
+        for _, _, sp in done:
+            assert sp.output_kind == "FINAL_ONLY", "the step batch must ask for final outputs"
+        return [types.SimpleNamespace(request_id=rid, finished=True, prompt_token_ids=ids, outputs=[self.llm._one(ids, sp, i) for i in range(sp.n)][::-1]) for rid, ids, sp in done]
+
+    def abort_request(self, request_ids):
+        self.pending = [p for p in self.pending if p[0] not in set(request_ids)]
 
 
 class FakeLLM:
@@ -163,7 +172,8 @@ class FakeLLM:
         return outs
 
 
-FAKE_API = types.SimpleNamespace(LLM=None, SamplingParams=FakeSamplingParams, TokensPrompt=FakeTokensPrompt, LoRARequest=LoRARequest)
+FAKE_API = types.SimpleNamespace(LLM=None, SamplingParams=FakeSamplingParams, TokensPrompt=FakeTokensPrompt, LoRARequest=LoRARequest,
+                                 RequestOutputKind=types.SimpleNamespace(FINAL_ONLY="FINAL_ONLY"))
 
 
 @pytest.fixture
@@ -328,6 +338,23 @@ def test_a_chain_on_the_step_batch_is_seeded_by_its_request_not_its_neighbours(f
     assert ids(together) == ids(one_by_one) == ids(alone)
     assert len({tuple(r.response_ids) for r in together[0]}) > 1  # the n chains of a request differ
     assert ids(_stepped(fake, reqs, LIMITS, SamplingParams(temperature=1.0, seed=5))[0]) != ids(together)
+    # a context asked twice gets independent chains; a shared `seen` numbers them on across submissions
+    batch, seen = fake.continuous_batch(), {}
+    twice = batch.submit_thoughts([reqs[0], reqs[0]], LIMITS, sampling)
+    first = batch.submit_thoughts([reqs[0]], LIMITS, sampling, seen=seen)
+    second = batch.submit_thoughts([reqs[0]], LIMITS, sampling, seen=seen)
+    batch.run([twice, first, second])
+    twice, first, second = ids(twice.result), ids(first.result), ids(second.result)
+    assert twice[0] == first[0] == ids(together)[0] and twice[1] == second[0] != twice[0]
+
+
+def test_a_failed_step_leaves_no_request_in_vllms_engine(fake, hf):
+    batch = fake.continuous_batch()
+    batch.submit_thoughts([ThoughtRequest(tuple(p), n=2) for p in prompts(hf, 2)], LIMITS, SamplingParams(temperature=1.0, seed=1))
+    with pytest.raises(RuntimeError, match="stop here"), batch:
+        batch.step()
+        raise RuntimeError("stop here")
+    assert not batch.live and not fake.llm.llm_engine.has_unfinished_requests()
 
 
 def test_the_event_driven_reset_step_runs_on_vllms_engine_loop(fake, tiny_model_path):
@@ -335,13 +362,15 @@ def test_the_event_driven_reset_step_runs_on_vllms_engine_loop(fake, tiny_model_
     self-localization, suffixes) on the step batch, each prompt with its budget of 8 trained
     rollouts, reproducible and independent of how many requests the engine finishes per step."""
     from srpo_core import data_order, step
-    from srpo_core.config import load_config
+    from srpo_core.config import ConfigError, load_config
     from srpo_core.records import records_jsonl
     from srpo_core.tasks import get_task
 
     over = {"train.prompts_per_step": 4, "train.mini_batch_prompts": 4, "rollout.engine": "vllm", "rollout.scheduler": "events", "method.localizer": "self"}
     cfg = load_config("tiny", {"model.name_or_path": tiny_model_path, **over})
-    assert step.scheduled_by_events(cfg, fake)
+    assert step.scheduled_by_events(cfg, fake) and not step.scheduled_by_events(cfg.override(**{"rollout.scheduler": "auto"}), fake)  # auto: batched on vLLM
+    with pytest.raises(ConfigError, match="divergence localizer"):
+        cfg.override(**{"method.localizer": "divergence"})
     runs = []
     for per_step in (4, 1):
         fake.llm.llm_engine.per_step = per_step
@@ -421,9 +450,11 @@ def test_real_vllm_step_batch_equals_hf_and_runs_the_event_step(real_vllm, hf, t
     from srpo_core.config import load_config
     from srpo_core.tasks import get_task
 
-    reqs = [ThoughtRequest(tuple(p), n=1) for p in prompts(hf, 6)]
+    ps = prompts(hf, 6)
+    seed = hf.generate_thoughts([ThoughtRequest(tuple(ps[0]))], LIMITS, GREEDY)[0][0]
+    reqs = [ThoughtRequest(tuple(p), n=1) for p in ps] + [ThoughtRequest(tuple(ps[0]), n=3, prefix_ids=tuple(seed.response_ids[: seed.spans[0][1]]), prefix_spans=tuple(seed.spans[:1]))]
     batch = real_vllm.continuous_batch()
-    handle = batch.submit_thoughts(reqs, LIMITS, GREEDY)
+    handle = batch.submit_thoughts(reqs, LIMITS, GREEDY)  # the n=3 request comes back once, with its 3 chains (FINAL_ONLY)
     batch.run([handle])
     assert_same(handle.result, hf.generate_thoughts(reqs, LIMITS, GREEDY), lp_tol=1e-3)
     cfg = load_config("tiny", {"model.name_or_path": tiny_model_path, "train.prompts_per_step": 8, "rollout.engine": "vllm", "rollout.scheduler": "events", "method.localizer": "self"})

@@ -181,16 +181,17 @@ class ThoughtChains:
         `requests[rows_req[row]]` with the tokens `generated[row]` (after the request's prefix)."""
         out: list[list[Rollout]] = [[] for _ in requests]
         for row, i in enumerate(rows_req):
-            req = requests[i]
-            response = list(req.prefix_ids) + generated[row]
-            spans = [tuple(s) for s in self.spans[row]]
-            out[i].append(
-                Rollout(
-                    prompt_ids=list(req.prompt_ids), response_ids=response, prefix_len=len(req.prefix_ids), spans=spans, logprobs=logprobs[row],
-                    thoughts=[self.engine.decode(response[a:b]) for a, b in spans], text=self.engine.decode(response), finish_reason=self.finish[row], adapter_version=adapter_version,
-                )
-            )  # fmt: skip
+            out[i].append(self.rollout(requests[i], row, generated[row], logprobs[row], adapter_version))
         return out
+
+    def rollout(self, request: ThoughtRequest, row: int, generated: list[int], logprobs: list[float], adapter_version: str | None) -> Rollout:
+        """Row `row`'s finished chain, continuing `request` with the tokens `generated`."""
+        response = list(request.prefix_ids) + generated
+        spans = [tuple(s) for s in self.spans[row]]
+        return Rollout(
+            prompt_ids=list(request.prompt_ids), response_ids=response, prefix_len=len(request.prefix_ids), spans=spans, logprobs=logprobs,
+            thoughts=[self.engine.decode(response[a:b]) for a, b in spans], text=self.engine.decode(response), finish_reason=self.finish[row], adapter_version=adapter_version,
+        )  # fmt: skip
 
     def end_thought(self, row: int, generated: list[int], end: int, text: str | None = None) -> None:
         text = self.thought_text(row, generated, end) if text is None else text

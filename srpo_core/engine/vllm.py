@@ -63,7 +63,12 @@ equal contexts), not by its position, so a chain samples the same tokens whichev
 the engine with it (up to the batch dependence of GPU kernels); they differ from the offline
 path's position-keyed seeds (same distribution). The inference server keeps serving the vLLM
 backend's calls in turn (`LLM.generate`): this batch is the in-process event path's, and has run
-only against the stand-in of tests/test_vllm.py here (no GPU).
+only against the stand-in of tests/test_vllm.py here (no GPU), so `rollout.scheduler: auto` keeps
+the batched path on vLLM (`events` asks for it). Its requests ask for final outputs only
+(`RequestOutputKind.FINAL_ONLY`, as `LLM.generate` does), so a request with `n` chains comes back
+once, with all of them; `close()` aborts what is still in flight when a step fails; the divergence
+localizer (teacher forcing through `LLM.generate`, which drains the same engine loop) is refused
+with it by the config.
 
 LoRA hot-loading: every `make_lora_request` gets a fresh integer id: vLLM caches adapters by id,
 so re-using an id for new weights would silently serve the old ones.
@@ -97,15 +102,16 @@ def vllm_import_error() -> str | None:
 
 
 def vllm_api() -> types.SimpleNamespace:
-    """The four vLLM names this engine uses (import-guarded)."""
+    """The vLLM names this engine uses (import-guarded)."""
     try:
         from vllm import LLM
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
     except Exception as exc:
         raise ImportError(f"{INSTALL_HINT} ({type(exc).__name__}: {exc})") from exc
-    return types.SimpleNamespace(LLM=LLM, SamplingParams=VSamplingParams, TokensPrompt=TokensPrompt, LoRARequest=LoRARequest)
+    return types.SimpleNamespace(LLM=LLM, SamplingParams=VSamplingParams, TokensPrompt=TokensPrompt, LoRARequest=LoRARequest, RequestOutputKind=RequestOutputKind)
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ class VLLMEngine(TokenizerText, RolloutEngine):
                 pass
 
     # ---- vLLM calls ------------------------------------------------------------------------------
-    def _params(self, sampling: SamplingParams, n: int, seed: int, max_tokens: int, stop: str | None):
+    def _params(self, sampling: SamplingParams, n: int, seed: int, max_tokens: int, stop: str | None, final_only: bool = False):
         kw: dict[str, Any] = {
             "n": n, "temperature": max(0.0, sampling.temperature), "top_p": sampling.top_p,
             "top_k": sampling.top_k if sampling.top_k > 0 else -1, "max_tokens": max_tokens, "logprobs": 0,
@@ -198,6 +204,8 @@ class VLLMEngine(TokenizerText, RolloutEngine):
             kw["seed"] = seed
         if stop:
             kw.update(stop=[stop], include_stop_str_in_output=True)
+        if final_only:  # the engine loop's default is cumulative outputs, one child at a time for n > 1 (LLM.generate sets this itself)
+            kw["output_kind"] = self.api.RequestOutputKind.FINAL_ONLY
         return self.api.SamplingParams(**kw)
 
     def _generate(self, prompts: list[list[int]], params: list) -> list:
@@ -273,6 +281,8 @@ class VLLMEngine(TokenizerText, RolloutEngine):
             out.append(Completion(ids=toks, text=self.decode(toks), logprobs=lps, finish_reason="eos" if eos else "length", adapter_version=self.adapter_version))
         return out
 
+    events_by_default = False  # `rollout.scheduler: auto` keeps the batched path here until the step batch has run on a GPU
+
     def continuous_batch(self, max_rows: int | None = None) -> "StepBatch":
         """A batch that requests join while others decode, on vLLM's engine loop (the event
         scheduler's; vLLM's own scheduler sizes the batch, so `max_rows` is not used)."""
@@ -343,7 +353,7 @@ class StepHandle:
 
     def row_rollout(self, engine: "VLLMEngine", i: int, j: int) -> Rollout:
         req = self.reqs[i]
-        return req.chains.rollouts([req.item], [0] * len(req.generated), req.generated, req.logprobs, engine.adapter_version)[0][j]
+        return req.chains.rollout(req.item, j, req.generated[j], req.logprobs[j], engine.adapter_version)
 
     def take_kv(self, i: int, j: int) -> None:  # prefix reuse is vLLM's prefix cache
         return None
@@ -359,6 +369,8 @@ class StepBatch:
     """`ContinuousBatch`'s interface (submit_thoughts / submit_complete / step / finished_rows /
     busy / run) on vLLM's engine loop; see the module docstring."""
 
+    _ids = itertools.count()  # request ids unique in the process (vLLM rejects a live duplicate)
+
     def __init__(self, engine: VLLMEngine):
         self.engine = engine
         self.core = engine.llm.llm_engine
@@ -366,14 +378,13 @@ class StepBatch:
         self.finished: list[StepHandle] = []
         self.finished_rows: list[tuple[StepHandle, int, int]] = []
         self.stats = {"decode_steps": 0, "requests": 0}
-        self._ids = itertools.count()
 
     @property
     def busy(self) -> bool:
         return bool(self.live)
 
     def _add(self, handle: StepHandle, i: int, rows: list[int], thought: int, prompt: list[int], params) -> None:
-        rid = f"srpo-{id(self):x}-{next(self._ids)}"
+        rid = f"srpo-step-{next(StepBatch._ids)}"
         self.core.add_request(rid, self.engine.api.TokensPrompt(prompt_token_ids=list(prompt)), params, lora_request=self.engine.lora_request)
         self.live[rid] = (handle, i, rows, thought)
         self.stats["requests"] += 1
@@ -397,7 +408,7 @@ class StepBatch:
             req.open_rows = len(rows)
             if rows:
                 handle.open += 1
-                params = self.engine._params(sampling, len(rows), derive_seed(req.key, 0, 0), limits.max_thought_tokens, limits.stop)
+                params = self.engine._params(sampling, len(rows), derive_seed(req.key, 0, 0), limits.max_thought_tokens, limits.stop, final_only=True)
                 self._add(handle, i, rows, 0, context, params)
         self._maybe_close(handle)
         return handle
@@ -409,7 +420,7 @@ class StepBatch:
             req = _StepReq(list(p), list(p), self._key(seen, sampling, salt, list(p), 1), ThoughtChains(self.engine, limits, [len(p)], [[]], [[]]), [[]], [[]], open_rows=1)
             handle.reqs.append(req)
             handle.open += 1
-            self._add(handle, i, [0], 0, list(p), self.engine._params(sampling, 1, derive_seed(req.key, 0, 0), max_tokens, None))
+            self._add(handle, i, [0], 0, list(p), self.engine._params(sampling, 1, derive_seed(req.key, 0, 0), max_tokens, None, final_only=True))
         self._maybe_close(handle)
         return handle
 
@@ -456,7 +467,7 @@ class StepBatch:
             req.chains.land(row, req.generated[row], eos)
         if req.chains.finish[row] is None:  # the chain goes on: its next thought, seeded per chain and thought
             context = list(req.item.prompt_ids) + req.chains.prefixes[row] + req.generated[row]
-            params = eng._params(handle.sampling, 1, derive_seed(req.key, row + 1, thought + 1), handle.limits.max_thought_tokens, handle.limits.stop)
+            params = eng._params(handle.sampling, 1, derive_seed(req.key, row + 1, thought + 1), handle.limits.max_thought_tokens, handle.limits.stop, final_only=True)
             self._add(handle, i, [row], thought + 1, context, params)
             return
         if handle.stream:
@@ -468,7 +479,21 @@ class StepBatch:
 
     def run(self, handles: list[StepHandle]) -> None:
         """Step until every handle is done."""
-        while not all(h.done for h in handles):
-            if not self.busy:
-                raise RuntimeError("vLLM step batch: handles still open with nothing in flight")
-            self.step()
+        with self:
+            while not all(h.done for h in handles):
+                if not self.busy:
+                    raise RuntimeError("vLLM step batch: handles still open with nothing in flight")
+                self.step()
+
+    def close(self) -> None:
+        """Abort the requests still in vLLM's engine (after an error: the engine is shared with
+        `LLM.generate`, whose loop would otherwise finish them)."""
+        if self.live:
+            self.core.abort_request(list(self.live))
+            self.live.clear()
+
+    def __enter__(self) -> "StepBatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
