@@ -43,6 +43,7 @@ generation is at paper scale, where time follows tokens and SRPO's are GRPO's).
 
     python bench/method_overhead.py [--steps 3] [--repeats 3] [--localizer self] [--prompts 0 128]
     python bench/method_overhead.py --repeats 0 --flow-shards 1 4 --flow-steps 3   # the flow only
+    python bench/method_overhead.py --set rollout.engine=vllm --flow-shards            # vLLM in process (a GPU): events on its engine loop
 """
 
 from __future__ import annotations
@@ -153,11 +154,11 @@ def in_process(args, common: dict) -> None:
     print(f"  {'SRPO/GRPO':16s} {'phase':>22s} {'generation':>22s} {'decode steps':>13s} {'model calls':>12s} {'prefill tok':>12s} {'tokens':>7s}   "
           f"(median [min, max] over the {len(steps['grpo'])} paired steps)")
     for name in names[1:]:
-        ratios = {k: [s[k] / g[k] for s, g in zip(steps[name], steps["grpo"])] for k in keys}
+        ratios = {k: [s[k] / g[k] for s, g in zip(steps[name], steps["grpo"]) if g[k]] for k in keys}  # the counters are the HF engine's: none on vLLM
         cell = lambda v: f"{statistics.median(v):.2f}x [{min(v):.2f},{max(v):.2f}]"  # noqa: E731
-        med = {k: statistics.median(ratios[k]) for k in keys}
-        print(f"  {name.split('/')[1]:16s} {cell(ratios['phase']):>22s} {cell(ratios['generation']):>22s} {med['decode_steps']:>12.2f}x {med['model_calls']:>11.2f}x "
-              f"{med['prefill_tokens']:>11.2f}x {med['tokens']:>6.2f}x")
+        med = {k: f"{statistics.median(ratios[k]):.2f}x" if ratios[k] else "n/a" for k in keys}
+        print(f"  {name.split('/')[1]:16s} {cell(ratios['phase']):>22s} {cell(ratios['generation']):>22s} {med['decode_steps']:>13s} {med['model_calls']:>12s} "
+              f"{med['prefill_tokens']:>12s} {med['tokens']:>7s}")
     footer()
 
 
