@@ -3,11 +3,11 @@ its own through algorithm 2 (seed search rounds -> base fill | localization -> s
 others are still decoding, all requests sharing one continuous batch of the engine
 (`engine.continuous_batch()`: the HF engine's, srpo_core/engine/hf.py, rows join and leave as
 they start and finish; or vLLM's engine loop, engine/vllm.py `StepBatch`, every thought its own
-request, prefixes reused by vLLM's prefix cache). A reset prefix x* is a prefix of its seed chain, so it is not prefilled again: the seed
-search keeps each chain's KV cache until the chain is verified in sampling order (`Sample(retain=True)`;
-a chain that is no seed frees it then, and once a prompt has its seeds its chains keep none), and
-the suffixes start from the seed's (`Sample(reuse=...)`, one
-one-token forward for the G suffix rows instead of a prefill of x*).
+request, prefixes reused by vLLM's prefix cache). On the HF engine a reset prefix x* is not
+prefilled again, being a prefix of its seed chain: the seed search keeps each chain's KV cache
+until the chain is verified in sampling order (`Sample(retain=True)`; a chain that is no seed frees
+it then, and once a prompt has its seeds its chains keep none), and the suffixes start from the
+seed's (`Sample(reuse=...)`: one one-token forward for the G suffix rows instead of a prefill).
 
 The batched path (srpo_core/methods/resets.py's phases) runs three sequential batched decodes,
 each waiting for its slowest prompt; here a prompt whose seed search ends early is localized and
@@ -131,6 +131,11 @@ Flow = Generator  # yields the operations above, receives their results
 
 def supports_events(engine) -> bool:
     return callable(getattr(engine, "continuous_batch", None))
+
+
+def require_events(engine) -> None:
+    if not supports_events(engine):
+        raise ValueError(f"rollout.scheduler: events needs an engine with a continuous batch (the HF engine, or vLLM's engine loop); {type(engine).__name__} has none")
 
 
 class Driver:
@@ -334,8 +339,7 @@ def run_reset_step(ctx, shard, search: R.SeedSearch) -> None:
     `suffixes` in `rollouts.seed_cases` order), ready for the method's `verify_suffix`."""
     cfg, m = ctx.cfg, ctx.cfg.method
     engine = ctx.policy
-    if not supports_events(engine):
-        raise ValueError(f"rollout.scheduler: events needs an engine with a continuous batch (the HF engine, or vLLM's engine loop); {type(engine).__name__} has none")
+    require_events(engine)
     n = len(shard.states)
     lctx = R.LocalizeContext(engine, ctx.task, m.localization_template, m.resolved_localization_temperature, m.localization_max_tokens, cfg.model.chat_template_for_localization, ctx.seed("localize"))
     driver = Driver(engine.continuous_batch())

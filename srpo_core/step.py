@@ -89,11 +89,11 @@ def finish(cfg: Config, task: Task, shards: list[Shard]) -> StepResult:
 def scheduled_by_events(cfg: Config, engine: RolloutEngine) -> bool:
     """Whether an in-memory step runs the method's event-driven path (`rollout.scheduler`; auto:
     where the method has one and the engine has a continuous batch)."""
-    from srpo_core.scheduler import supports_events
+    from srpo_core.scheduler import require_events, supports_events
 
     has_path = callable(getattr(cfg.method.spec, "run_events", None))
-    if cfg.rollout.scheduler == "events" and not supports_events(engine):
-        raise ValueError(f"rollout.scheduler: events needs an engine with a continuous batch (the HF engine, or vLLM's engine loop); {type(engine).__name__} has none")
+    if cfg.rollout.scheduler == "events":
+        require_events(engine)
     auto = supports_events(engine) and getattr(engine, "events_by_default", True)
     return has_path and (cfg.rollout.scheduler == "events" or (cfg.rollout.scheduler == "auto" and auto))
 

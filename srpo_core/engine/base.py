@@ -109,6 +109,15 @@ class RolloutEngine(abc.ABC):
         """Score given responses: per-token log-probs and the greedy choice at each position."""
 
 
+def number_chains(seen: dict, seed: int, context: tuple[int, ...], n: int) -> int:
+    """The index of the first of `n` new chains continuing `context` with sampling seed `seed`:
+    `seen` counts the chains of each (seed, context) submitted so far, so equal contexts (in one
+    submission, or across submissions sharing `seen`) get chains of their own."""
+    first = seen.get((seed, context), 0)
+    seen[(seed, context)] = first + n
+    return first
+
+
 class TokenizerText:
     """`encode` / `decode` / `encode_chat` over a Hugging Face tokenizer held in `self.tokenizer`:
     the engines whose model runs elsewhere (vLLM in process, a vLLM server over its OpenAI API)

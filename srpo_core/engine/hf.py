@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from srpo_core import algos
-from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtLimits, ThoughtRequest, TokenScores
+from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtLimits, ThoughtRequest, TokenScores, number_chains
 from srpo_core.engine.base import ThoughtChains as _Chains
 
 
@@ -204,7 +204,7 @@ class DecodeHandle:
     def row_rollout(self, engine: "HFEngine", i: int, j: int) -> Rollout:
         """Chain j of request i once it has finished (before the whole handle is done)."""
         req = self.reqs[i]
-        return engine._rollout(self.items[i], req.generated[j], req.logprobs[j], req.chains.spans[j], req.chains.finish[j])
+        return req.chains.rollout(self.items[i], j, req.generated[j], req.logprobs[j], engine.adapter_version)
 
     def take_kv(self, i: int, j: int) -> PrefixKV | None:
         """The KV of finished chain j of request i (submitted with `retain`), handed over once."""
@@ -328,8 +328,7 @@ class ContinuousBatch:
     def _request(self, handle: DecodeHandle, context: list[int], prefix: list[int], spans: list, n: int, limits: ThoughtLimits, sampling: SamplingParams, salt: int, seen: dict,
                  retain: bool = False, reuse: PrefixKV | None = None) -> None:
         ctx = tuple(context)
-        first = seen.get((sampling.seed, ctx), 0)
-        seen[(sampling.seed, ctx)] = first + n
+        first = number_chains(seen, sampling.seed, ctx, n)
         chains = _Chains(self.engine, limits, [len(context)] * n, [list(prefix) for _ in range(n)], [list(spans) for _ in range(n)])
         keys = [chain_key(sampling.seed, ctx, salt, first + j) for j in range(n)]
         req = _Req(handle, list(context), list(prefix), n, limits, sampling, keys, chains, [[] for _ in range(n)], [[] for _ in range(n)], retain=retain, reuse=reuse)
@@ -367,7 +366,7 @@ class ContinuousBatch:
             return
         eng = self.engine
         if handle.kind == "thoughts":
-            handle.result = [[eng._rollout(item, req.generated[j], req.logprobs[j], req.chains.spans[j], req.chains.finish[j]) for j in range(req.n)] for item, req in zip(handle.items, handle.reqs)]
+            handle.result = [[req.chains.rollout(item, j, req.generated[j], req.logprobs[j], eng.adapter_version) for j in range(req.n)] for item, req in zip(handle.items, handle.reqs)]
         else:
             handle.result = [
                 Completion(ids=r.generated[0], text=eng.decode(r.generated[0]), logprobs=r.logprobs[0], finish_reason="eos" if r.chains.finish[0] == "eos" else "length",
@@ -409,8 +408,9 @@ class ContinuousBatch:
         """Encode each request's context once (a prefill, or one forward on top of reused KV) and
         expand it to its live rows: one cohort."""
         version = self.engine.adapter_version
-        reused = [r for r in reqs if r.reuse is not None and r.reuse.covers(r.context, version)]
-        fresh = [r for r in reqs if r.reuse is None or not r.reuse.covers(r.context, version)]
+        reused, fresh = [], []
+        for r in reqs:
+            (reused if r.reuse is not None and r.reuse.covers(r.context, version) else fresh).append(r)
         parts = ([self._cohort(fresh, *self._encode(fresh))] if fresh else []) + ([self._cohort(reused, *self._encode_reused(reused))] if reused else [])
         for r in reqs:
             r.reuse = None  # the cohort holds what it needs
@@ -733,21 +733,6 @@ class HFEngine(RolloutEngine):
             chunks.append(cur)
         return chunks
 
-    def _rollout(self, req: ThoughtRequest, gen_ids, lps, spans, finish) -> Rollout:
-        response = list(req.prefix_ids) + gen_ids
-        thoughts = [self.decode(response[a:b]) for a, b in spans]
-        return Rollout(
-            prompt_ids=list(req.prompt_ids),
-            response_ids=response,
-            prefix_len=len(req.prefix_ids),
-            spans=[tuple(s) for s in spans],
-            logprobs=lps,
-            thoughts=thoughts,
-            text=self.decode(response),
-            finish_reason=finish,
-            adapter_version=self.adapter_version,
-        )
-
     def generate_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams) -> list[list[Rollout]]:
         batch = self.continuous_batch()
         handle = batch.submit_thoughts(requests, limits, sampling)
@@ -792,7 +777,7 @@ def generate_thoughts_per_call(model, tokenizer, requests: list[ThoughtRequest],
     for req in requests:
         chains = []
         for _ in range(req.n):
-            response, spans, lps = list(req.prefix_ids), list(req.prefix_spans), []
+            response, lps = list(req.prefix_ids), []
             state = _Chains(engine, limits, [len(req.prompt_ids) + len(req.prefix_ids)], [list(req.prefix_ids)], [list(req.prefix_spans)])
             finish = state.finish[0]
             while finish is None:
@@ -814,19 +799,15 @@ def generate_thoughts_per_call(model, tokenizer, requests: list[ThoughtRequest],
                 step_lp = [F.log_softmax(l[0].float() / (sampling.temperature or 1.0), -1)[t].item() for l, t in zip(gen.logits, new)]
                 if tokenizer.eos_token_id in new:
                     cut = new.index(tokenizer.eos_token_id)
-                    start = len(response)
                     response += new[:cut]
                     lps += step_lp[:cut]
-                    if cut:
-                        state.spans[0].append((start, len(response)))
-                    finish = "eos"
+                    state.end_chain_at_eos(0, response[len(req.prefix_ids):])
                     break
                 response += new
                 lps += step_lp
                 state.prefixes[0] = list(req.prefix_ids)
                 state.end_thought(0, response[len(req.prefix_ids):], len(response))
                 finish = state.finish[0]
-            spans = state.spans[0]
-            chains.append(engine._rollout(req, response[len(req.prefix_ids):], lps, spans, finish))
+            chains.append(state.rollout(req, 0, response[len(req.prefix_ids):], lps, engine.adapter_version))
         out.append(chains)
     return out

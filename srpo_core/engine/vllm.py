@@ -87,7 +87,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
-from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtChains, ThoughtLimits, ThoughtRequest, TokenizerText, TokenScores
+from srpo_core.engine.base import Completion, Rollout, RolloutEngine, SamplingParams, ThoughtChains, ThoughtLimits, ThoughtRequest, TokenizerText, TokenScores, number_chains
 
 INSTALL_HINT = "the vLLM engine needs the `vllm` package and a CUDA GPU: pip install -e '.[vllm]'"
 
@@ -390,9 +390,7 @@ class StepBatch:
         self.stats["requests"] += 1
 
     def _key(self, seen: dict, sampling: SamplingParams, salt: int, context: list[int], n: int) -> int:
-        first = seen.get((sampling.seed, tuple(context)), 0)
-        seen[(sampling.seed, tuple(context))] = first + n
-        return request_key(sampling.seed, salt, context, first)
+        return request_key(sampling.seed, salt, context, number_chains(seen, sampling.seed, tuple(context), n))
 
     def submit_thoughts(self, requests: list[ThoughtRequest], limits: ThoughtLimits, sampling: SamplingParams, salt: int = 0, seen: dict | None = None, stream: bool = False,
                         retain: bool = False, reuse: list | None = None) -> StepHandle:
