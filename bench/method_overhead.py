@@ -43,7 +43,7 @@ generation is at paper scale, where time follows tokens and SRPO's are GRPO's).
 
     python bench/method_overhead.py [--steps 3] [--repeats 3] [--localizer self] [--prompts 0 128]
     python bench/method_overhead.py --repeats 0 --flow-shards 1 4 --flow-steps 3   # the flow only
-    python bench/method_overhead.py --set rollout.engine=vllm --flow-shards            # vLLM in process (a GPU): events on its engine loop
+    python bench/method_overhead.py --set rollout.engine=vllm --repeats 1 --steps 5 --prompts 128 --flow-shards   # vLLM in process (a GPU)
 """
 
 from __future__ import annotations
@@ -136,6 +136,13 @@ def in_process(args, common: dict) -> None:
     counter = BatchCounter()
     names = list(variants)
     cfgs = {name: sized(load_config(args.config, {**common, **over}), args.steps) for name, over in variants.items()}
+    if cfgs["grpo"].rollout.engine == "vllm":  # one vLLM engine per variant, side by side on one GPU (main allows one training each)
+        import dataclasses
+
+        from srpo_core import runtime
+
+        real = runtime.vllm_options
+        runtime.vllm_options = lambda cfg: dataclasses.replace(real(cfg), gpu_memory_utilization=0.85 / len(cfgs))
     steps: dict[str, list[dict]] = {n: [] for n in names}  # every (repeat, step), in the same order per variant
     t0 = time.perf_counter()
     for r in range(args.repeats):
@@ -232,6 +239,8 @@ def main() -> None:
     import yaml
 
     common = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if common.get("rollout.engine") == "vllm" and (args.repeats > 1 or len(args.prompts) > 1):
+        sys.exit("with rollout.engine=vllm each variant holds a vLLM engine on the GPU for the whole process: use --repeats 1 and one --prompts value")
     if args.repeats:  # first: it imports torch and peft before Metaflow's Runner (metaflow#2462)
         for prompts in args.prompts:
             in_process(args, {**common, "train.prompts_per_step": prompts} if prompts else common)

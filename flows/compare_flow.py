@@ -11,7 +11,9 @@ srpo_core.compare.run_training per training and finish_comparison at the end, so
 the learning-curve PNG and the MLflow parent/child runs are the same. With `--preset NAME` the
 flow runs the experiment design NAME (srpo_core/compare/experiment.py: its preset, arms, seeds,
 steps and claims; `--config`, `--splits`, `--localizers` are the design's) and the join writes its
-report (`--report`, default docs/NAME.md) as `srpo compare --preset NAME` does.
+report (`--report`, default docs/NAME.md) as `srpo compare --preset NAME` does. The train step's
+`@resources` are read from SRPO_CONFIG when the flow starts, not from the design: on a cluster set
+SRPO_CONFIG to the design's preset (`SRPO_CONFIG=fidelity ... --preset fidelity --with kubernetes`).
 """
 
 import argparse
@@ -100,13 +102,10 @@ class CompareFlow(FlowSpec):
         return shlex.join(parts)
 
     def _experiment_args(self) -> argparse.Namespace:
-        """This run's parameters as the `srpo compare --preset` options (compare.register)."""
-        if self.splits or self.localizers:
-            from srpo_core.config import ConfigError
-
-            raise ConfigError(f"--splits/--localizers: not with --preset {self.preset} (the design sets them)")
+        """This run's parameters as the `srpo compare --preset` options (compare.register; the
+        design refuses --splits / --localizers itself)."""
         return argparse.Namespace(
-            preset=self.preset, report=self.report or None, config=None, splits=None, localizers=None,
+            preset=self.preset, report=self.report or None, config=None, splits=_list(self.splits) or None, localizers=_list(self.localizers) or None,
             methods=_list(self.methods) or None, seeds=[int(s) for s in _list(self.seeds)] or None, steps=self.steps or None,
             benchmarks=_list(self.benchmarks), eval_items=self.eval_items or None, eval_every=None if self.eval_every < 0 else self.eval_every,
             long_prompts="truncate", samples=self.samples, pass_k=[int(k) for k in _list(self.pass_k)], budget=self.budget,

@@ -212,8 +212,9 @@ def audit_rows(records: Iterable[Any]) -> list[AuditRow]:
     return rows
 
 
-def read_records(text: str) -> list[dict]:
-    """The records of a rollouts.jsonl text (blank lines skipped; a bad line raises naming it)."""
+def read_records(text: str, name: str = "rollouts.jsonl") -> list[dict]:
+    """The objects of a JSON-lines text such as rollouts.jsonl (blank lines skipped; a bad line
+    raises naming `name` and the line)."""
     import json
 
     out = []
@@ -222,7 +223,7 @@ def read_records(text: str) -> list[dict]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"rollouts.jsonl line {i}: not JSON ({exc})") from None
+                raise ValueError(f"{name} line {i}: not JSON ({exc})") from None
     return out
 
 

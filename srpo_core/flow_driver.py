@@ -18,6 +18,7 @@ from pathlib import Path
 
 from srpo_core import data_order, identity
 from srpo_core import store as S
+from srpo_core.audit import read_records
 from srpo_core.config import Config, ConfigError, from_dict, results_config
 from srpo_core.flow_config import DEFAULT_RESOURCES, PHASES, default_config_path, parse_config  # noqa: F401  (re-exported)
 from srpo_core.watchdog import alive
@@ -440,19 +441,15 @@ def collect_history(plan: Plan, client) -> History:
     outcomes: dict[str, dict[int, list[dict]]] = {}
     for key in store.list(f"runs/{plan.training_id}/eval/"):  # runs/<tid>/eval/<step>/<run>/<benchmark>.jsonl
         at, _, name = key.split("/")[3], key.split("/")[4], key.rsplit("/", 1)[1].removesuffix(".jsonl")
-        outcomes.setdefault(name, {})[int(at)] = _jsonl(store.get_bytes(key))
+        outcomes.setdefault(name, {})[int(at)] = read_records(store.get_bytes(key).decode(), key)
     records = []
     for step in range(plan.total_steps):
         try:  # one read per step; a step without records has no key
-            records += _jsonl(store.get_bytes(f"{S.step_prefix(plan.training_id, step)}/rollouts.jsonl"))
+            key = f"{S.step_prefix(plan.training_id, step)}/rollouts.jsonl"
+            records += read_records(store.get_bytes(key).decode(), key)
         except S.KeyNotFoundError:
             pass
     return History(curves, reward, hist, dict(keys), outcomes, records)
-
-
-def _jsonl(data: bytes) -> list[dict]:
-    """The objects of a stored JSON-lines file, blank lines skipped."""
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)

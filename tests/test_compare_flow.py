@@ -16,18 +16,14 @@ pytestmark = pytest.mark.slow
 def test_the_compare_flow_runs_an_experiment_design_and_writes_its_report(tmp_path, mlflow_server):
     import mlflow
 
-    from srpo_core.metaflow_env import runner
+    from tests.test_flow import run_flow
 
     env = {"USERNAME": "srpo-tests", "MLFLOW_TRACKING_URI": mlflow_server, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "mf"), "SRPO_CONFIG": "tiny"}
     out, report = tmp_path / "out", tmp_path / "docs" / "fidelity.md"
-    Runner = runner()  # keeps torch importable in this process afterwards (metaflow#2462)
-    with Runner(FLOW, show_output=False, env=env, cwd=str(tmp_path), file_read_timeout=300) as r:
-        result = r.run(
-            preset="fidelity", methods="grpo,srpo", seeds="0", steps=1, eval_items=16, set="train.prompts_per_step=4 train.mini_batch_prompts=4",
-            out=str(out), report=str(report), experiment="fidelity-flow-test",
-        )  # fmt: skip
-        assert result.run is not None and result.run.successful, result.stdout[-3000:] + result.stderr[-3000:]
-        run = result.run
+    run, _ = run_flow(
+        tmp_path, env, FLOW, preset="fidelity", methods="grpo,srpo", seeds="0", steps=1, eval_items=16, set="train.prompts_per_step=4 train.mini_batch_prompts=4",
+        out=str(out), report=str(report), experiment="fidelity-flow-test",
+    )  # fmt: skip
     md = report.read_text()
     assert "## Claims" in md and "GRPO" in md and "SRPO" in md
     assert (tmp_path / "docs" / "fidelity").is_dir() and any((tmp_path / "docs" / "fidelity").iterdir())  # its figures

@@ -33,11 +33,11 @@ def flow_env(tmp_path: Path, artifact_root: str, tracking_uri: str, **extra: str
     return env
 
 
-def run_flow(tmp_path, env, **params):
+def run_flow(tmp_path, env, flow: str = FLOW, **params):
     from srpo_core.metaflow_env import runner
 
     Runner = runner()  # keeps torch importable in this process afterwards (metaflow#2462)
-    with Runner(FLOW, show_output=False, env=env, cwd=str(tmp_path), file_read_timeout=300) as runner:
+    with Runner(flow, show_output=False, env=env, cwd=str(tmp_path), file_read_timeout=300) as runner:
         result = runner.run(**params)
         assert result.run is not None and result.run.successful, result.stdout[-3000:] + result.stderr[-3000:]
         return result.run, result.stdout

@@ -119,8 +119,6 @@ def test_concurrent_calls_decode_in_one_batch_with_the_results_they_get_alone(ho
         assert version == "base"
         assert_same(got, want)
     # decoded together: fewer decode steps than the three calls one after another
-    serial = ModelHost(lambda: EngineBackend(engine64), "tiny", shared_batch=False)
-    serial.load_model()
     steps = 0
     for _, submit in calls(engine64):
         batch = engine64.continuous_batch()
@@ -128,7 +126,9 @@ def test_concurrent_calls_decode_in_one_batch_with_the_results_they_get_alone(ho
         batch.run([handle])
         steps += batch.stats["decode_steps"]
     assert host.shared.stats["decode_steps"] < steps
+    serial = ModelHost(lambda: EngineBackend(engine64), "tiny", shared_batch=False)
     try:
+        serial.load_model()
         assert_same(serial.run_batched(None, *calls(engine64)[0])[1], alone[0])  # --serial-calls: the plain path
         assert serial.shared is None
     finally:

@@ -386,9 +386,10 @@ def main(args) -> int:
     plan, info, report = start_experiment(args)
     t0 = time.perf_counter()
     run_comparison(plan, progress=not args.quiet)
-    out = finish_experiment(Path(plan.out_dir), info, report, time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    out = finish_experiment(Path(plan.out_dir), info, report, wall)
     print(out.summary)
-    print(f"wall time {time.perf_counter() - t0:.0f}s; report {out.markdown}, figures in {out.figures_dir}, comparison files in {plan.out_dir}")
+    print(f"wall time {wall:.0f}s; report {out.markdown}, figures in {out.figures_dir}, comparison files in {plan.out_dir}")
     if plan.parent_run_id:
         print(f"MLflow: {plan.tracking_uri} experiment {args.experiment!r}, parent run {plan.parent_run_id}")
     return 0

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from srpo_core.compare.report import legend_below, save_figure
 from srpo_core.compare.run import TrainingResult
 from srpo_core.compare.verdicts import (
     HELD,
@@ -116,7 +117,9 @@ def _finite(x) -> bool:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    from srpo_core.audit import read_records
+
+    return read_records(path.read_text(), str(path)) if path.exists() else []
 
 
 def load(out_dir: Path) -> ExperimentData:
@@ -301,19 +304,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
-    _plt().close(fig)
-    return path
-
-
-def _legend_below(fig, ax, ncol: int = 3) -> None:
-    handles, names = ax.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), ncol), fontsize=8)
-
-
 def _curve_points(arm: ArmData, x_of) -> tuple[list[float], list[float], list[float], list[float]]:
     xs, ms, los, his = [], [], [], []
     for s in arm.eval_steps:
@@ -344,8 +334,8 @@ def plot_curves(arms: list[ArmData], path: Path, title: str, x: str = "step") ->
     ax.set(xlabel="training step" if x == "step" else "rollouts consumed (chains sampled in training)", ylabel="accuracy (%)")
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    _legend_below(fig, ax, ncol=4)
-    return _save(fig, path)
+    legend_below(fig, ax, ncol=4)
+    return save_figure(fig, path, pad_inches=0.15)
 
 
 def plot_bars(arms: list[ArmData], path: Path, title: str, reference: ArmData | None = None) -> Path:
@@ -370,7 +360,7 @@ def plot_bars(arms: list[ArmData], path: Path, title: str, reference: ArmData | 
     ax.set(ylabel="accuracy after training (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, pad_inches=0.15)
 
 
 def plot_g_ratio(arms: list[ArmData], path: Path) -> Path:
@@ -407,8 +397,8 @@ def plot_g_ratio(arms: list[ArmData], path: Path) -> Path:
     for ax in (ax_g, ax_s):
         ax.grid(alpha=0.3)
         ax.title.set_fontsize(10)
-    _legend_below(fig, ax_s if ax_s.get_legend_handles_labels()[0] else ax_g, ncol=4)
-    return _save(fig, path)
+    legend_below(fig, ax_s if ax_s.get_legend_handles_labels()[0] else ax_g, ncol=4)
+    return save_figure(fig, path, pad_inches=0.15)
 
 
 def plot_correction(arms: list[ArmData], path: Path) -> Path:
@@ -436,7 +426,7 @@ def plot_correction(arms: list[ArmData], path: Path) -> Path:
     ax.title.set_fontsize(10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    return _save(fig, path)
+    return save_figure(fig, path, pad_inches=0.15)
 
 
 # ---- markdown ----------------------------------------------------------------------------------------

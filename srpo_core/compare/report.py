@@ -224,22 +224,31 @@ def _curve_band(values: list[float], n_items: int) -> tuple[float, float, float]
     return m, m, m
 
 
-def _finish_panels(fig, axes, n_panels: int, legend_cols: int, title: str, path: Path) -> Path:
-    """The common end of a per-benchmark panel figure: the unused panels hidden, one legend (the
-    first panel's lines, at most `legend_cols` columns) below the panels, the title above, saved
-    to `path` with a tight bounding box and the figure closed."""
+def legend_below(fig, ax, ncol: int = 3, fontsize: int = 8) -> None:
+    """One legend of `ax`'s lines below the figure's panels, at most `ncol` columns."""
+    handles, names = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), ncol), fontsize=fontsize)
+
+
+def save_figure(fig, path: Path, pad_inches: float = 0.1) -> Path:
+    """`path` written with a tight bounding box (its folder made) and the figure closed."""
     import matplotlib.pyplot as plt
 
-    for ax in list(axes.flat)[n_panels:]:
-        ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), legend_cols), fontsize=9)
-    fig.suptitle(title, fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=pad_inches)
     plt.close(fig)
     return path
+
+
+def _finish_panels(fig, axes, n_panels: int, legend_cols: int, title: str, path: Path) -> Path:
+    """The common end of a per-benchmark panel figure: the unused panels hidden, the first panel's
+    legend below the panels, the title above, saved."""
+    for ax in list(axes.flat)[n_panels:]:
+        ax.axis("off")
+    legend_below(fig, axes.flat[0], legend_cols, fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)
 
 
 def plot_learning_curves(labels: list[str], benchmarks: list[str], results: list[TrainingResult], path: Path, x: str = "step") -> Path:

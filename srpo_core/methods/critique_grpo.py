@@ -29,8 +29,8 @@ from srpo_core import templates
 from srpo_core.engine.base import ThoughtRequest
 from srpo_core.methods import register
 from srpo_core.methods.base import Method, Variant, records_to_shard
-from srpo_core.methods.grpo import sample_iid
-from srpo_core.methods.score import LossVariant, paired_template, verify_first_attempts
+from srpo_core.methods.grpo import sample_iid, verify_first_attempts
+from srpo_core.methods.score import LossVariant, paired_template
 from srpo_core.tasks.base import is_incorrect
 
 CRITIQUES = {True: "The generated solution is correct.", False: "The generated solution is incorrect."}

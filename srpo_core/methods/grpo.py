@@ -18,6 +18,15 @@ def sample_iid(ctx, shard, n: int) -> None:
     shard.rounds = 1
 
 
+def verify_first_attempts(ctx, shard) -> None:
+    """Score the pending first attempts as each prompt's `base` (SCoRe's y1, Critique-GRPO's
+    originals; unlike GRPO's group, a chain with no thought keeps the verifier's reward)."""
+    for state, rollouts in zip(shard.states, shard.pending):
+        state.base = R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished)
+        state.attempts = len(rollouts)
+    shard.pending = []
+
+
 def verify_iid(ctx, shard) -> None:
     """Score the pending chains into each prompt's group (a chain with no thought gets reward 0)."""
     for state, rollouts in zip(shard.states, shard.pending):

@@ -28,7 +28,7 @@ from srpo_core import templates
 from srpo_core.engine.base import Rollout, SamplingParams, ThoughtRequest
 from srpo_core.methods import register
 from srpo_core.methods.base import Method, Variant, records_to_shard
-from srpo_core.methods.grpo import sample_iid
+from srpo_core.methods.grpo import sample_iid, verify_first_attempts
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,6 @@ def second_attempt_prompt(engine, prompt_ids: list[int], first: Rollout, questio
 def with_second(state: R.PromptState) -> list[int]:
     """Indices of the prompt's first attempts that get a second one (those with >= 1 thought)."""
     return [j for j, a in enumerate(state.base) if a.rollout.spans]
-
-
-def verify_first_attempts(ctx, shard) -> None:
-    """Score the pending first attempts as each prompt's `base` (SCoRe's y1, Critique-GRPO's
-    originals; unlike GRPO's group, a chain with no thought keeps the verifier's reward)."""
-    for state, rollouts in zip(shard.states, shard.pending):
-        state.base = R.verify(ctx.task, state.item, rollouts, shard.timings, ctx.cfg.rollout.score_unfinished)
-        state.attempts = len(rollouts)
-    shard.pending = []
 
 
 class Score(Method):

@@ -83,6 +83,8 @@ class LocalStore(Store):
                 os.replace(tmp, dest)
 
     def _stored_sha(self, key: str) -> str:
+        if not self._path(key).is_file():
+            raise KeyNotFoundError(f"key not found: {self.describe(key)}")
         return sha256_file(self._path(key))[0]
 
     # -- reads
@@ -104,12 +106,6 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         validate_key(key)
         return self._path(key).is_file()
-
-    def stored_sha256(self, key: str) -> str:
-        validate_key(key)
-        if not self._path(key).is_file():
-            raise KeyNotFoundError(f"key not found: {self.describe(key)}")
-        return self._stored_sha(key)
 
     def discard(self, key: str) -> None:
         validate_key(key)
